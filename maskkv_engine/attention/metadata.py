@@ -22,9 +22,7 @@ import torch
 if TYPE_CHECKING:
     from maskkv_engine.attention.backend import AttentionBackend
 
-PAD_MULTIPLE = (
-    64  # per-sequence query padding used by tiled backends; fixed so tiles never depend on the batch
-)
+PAD_MULTIPLE = 64  # per-sequence query padding used by tiled backends; fixed so tiles never depend on the batch
 
 
 @dataclass
@@ -104,9 +102,7 @@ _CONTEXT: ForwardContext | None = None
 
 def get_forward_context() -> ForwardContext:
     if _CONTEXT is None:
-        raise RuntimeError(
-            "model forward called outside set_forward_context(); use ModelRunner or forward_full()"
-        )
+        raise RuntimeError("model forward called outside set_forward_context(); use ModelRunner or forward_full()")
     return _CONTEXT
 
 

@@ -76,9 +76,7 @@ class TorchAttentionBackend(AttentionBackend):
         return out[meta.q_valid].to(out_dtype)
 
     @staticmethod
-    def _visit_pages(
-        state: _OnlineSoftmax, layer: int, meta: AttentionMetadata, compute: torch.dtype
-    ) -> None:
+    def _visit_pages(state: _OnlineSoftmax, layer: int, meta: AttentionMetadata, compute: torch.dtype) -> None:
         assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
         block_size = meta.block_size
         per_tile = max(1, TILE // block_size)  # pages per key tile

@@ -21,13 +21,9 @@ DREAM_MASK_ID = 151666
 def parse_dream_config(cfg: dict) -> DiffusionLMConfig:
     arch = "DreamModel"
     if cfg.get("use_sliding_window"):
-        raise ValueError(
-            "config.json: use_sliding_window=true is not supported for DreamModel (allowed: false)"
-        )
+        raise ValueError("config.json: use_sliding_window=true is not supported for DreamModel (allowed: false)")
     if cfg.get("rope_scaling") not in (None, {}):
-        raise ValueError(
-            f"config.json: rope_scaling={cfg['rope_scaling']!r} is not supported (allowed: null)"
-        )
+        raise ValueError(f"config.json: rope_scaling={cfg['rope_scaling']!r} is not supported (allowed: null)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act={cfg['hidden_act']!r} is not supported (allowed: 'silu')")
     hidden = int(require(cfg, "hidden_size", arch))

@@ -14,9 +14,7 @@ from torch import nn
 ROW_TILE = 64  # rows per matmul tile on the CPU; fixed so results never depend on the batch
 
 
-def batch_invariant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` computed in fixed tiles of ``ROW_TILE`` rows (bitwise batch invariant)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -79,9 +77,7 @@ class RotaryEmbedding(nn.Module):
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         inv_freq = self.inv_freq.to(positions.device)
         if table_dtype == torch.float64:
-            inv_freq = 1.0 / (
-                self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-            )
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         freqs = positions.to(table_dtype)[:, None] * inv_freq.to(positions.device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()

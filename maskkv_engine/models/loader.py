@@ -25,9 +25,7 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     root = Path(path)
     cfg_file = root / "config.json"
     if not root.is_dir():
-        raise ValueError(
-            f"model={str(path)!r} is not a local directory (model hubs are not used: pass a path)"
-        )
+        raise ValueError(f"model={str(path)!r} is not a local directory (model hubs are not used: pass a path)")
     if not cfg_file.is_file():
         raise ValueError(f"model={str(path)!r} has no config.json")
     with cfg_file.open() as f:
@@ -43,15 +41,9 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.dev
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return (
-            DTYPES.get(config_dtype, torch.bfloat16)
-            if config_dtype in ("bfloat16", "float16")
-            else torch.bfloat16
-        )
+        return DTYPES.get(config_dtype, torch.bfloat16) if config_dtype in ("bfloat16", "float16") else torch.bfloat16
     if dtype not in DTYPES:
-        raise ValueError(
-            f"dtype={dtype!r} is not supported (allowed: 'auto', {', '.join(map(repr, DTYPES))})"
-        )
+        raise ValueError(f"dtype={dtype!r} is not supported (allowed: 'auto', {', '.join(map(repr, DTYPES))})")
     return DTYPES[dtype]
 
 
@@ -67,9 +59,7 @@ def safetensors_files(root: Path) -> list[Path]:
         return files
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise ValueError(
-            f"model={str(root)!r} has no *.safetensors weights (load_format='dummy' for random weights)"
-        )
+        raise ValueError(f"model={str(root)!r} has no *.safetensors weights (load_format='dummy' for random weights)")
     return files
 
 
@@ -85,9 +75,7 @@ def load_model(
     ``load_format='dummy'`` gives random weights of the right shapes (speed benchmarks of big shapes).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(
-            f"load_format={load_format!r} is not supported (allowed: 'auto', 'safetensors', 'dummy')"
-        )
+        raise ValueError(f"load_format={load_format!r} is not supported (allowed: 'auto', 'safetensors', 'dummy')")
     device = torch.device(device)
     hf_config = read_hf_config(path)
     _, spec = resolve_architecture(hf_config)
@@ -119,9 +107,7 @@ def _read_state(root: Path, expected: dict, dtype: torch.dtype, device: torch.de
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
                 if tuple(tensor.shape) != want:
-                    raise ValueError(
-                        f"weight {name} has shape {tuple(tensor.shape)} in {file.name}, expected {want}"
-                    )
+                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} in {file.name}, expected {want}")
                 state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
@@ -129,9 +115,7 @@ def _read_state(root: Path, expected: dict, dtype: torch.dtype, device: torch.de
         if missing:
             parts.append(f"missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
-            parts.append(
-                f"unexpected weights {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}"
-            )
+            parts.append(f"unexpected weights {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
         raise ValueError(f"checkpoint at {str(root)!r} does not match its config.json: " + "; ".join(parts))
     return state
 

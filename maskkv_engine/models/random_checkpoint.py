@@ -32,11 +32,7 @@ def llada_config(
     torch_dtype: str = "float32",
 ) -> dict:
     """config.json as LLaDA-8B releases it (same keys), scaled down. Ids fit inside a small vocab."""
-    mask = (
-        LLADA_MASK_ID
-        if vocab_size > LLADA_MASK_ID
-        else (vocab_size - 1 if mask_token_id is None else mask_token_id)
-    )
+    mask = LLADA_MASK_ID if vocab_size > LLADA_MASK_ID else (vocab_size - 1 if mask_token_id is None else mask_token_id)
     eos = 126081 if vocab_size > 126081 else (vocab_size - 2 if eos_token_id is None else eos_token_id)
     return {
         "activation_type": "silu",
@@ -199,9 +195,7 @@ LM_HEADS = ("model.transformer.ff_out.weight", "lm_head.weight")
 EMBEDDINGS = ("model.transformer.wte.weight", "model.embed_tokens.weight")
 
 
-def random_weights(
-    shapes: dict[str, tuple[int, ...]], seed: int, logit_std: float, dtype: torch.dtype
-) -> dict:
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, logit_std: float, dtype: torch.dtype) -> dict:
     """Fan-in scaled normal weights: unit-variance activations, logits with std ``logit_std``.
 
     Norm weights and biases are perturbed (around 1 and 0) so that a wrong norm or bias shows up in parity tests.
@@ -233,9 +227,7 @@ def write_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     arch = config["architectures"][0]
     shapes = llada_weight_shapes(config) if arch == "LLaDAModelLM" else dream_weight_shapes(config)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        config["torch_dtype"]
-    ]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config["torch_dtype"]]
     weights = random_weights(shapes, seed, logit_std, dtype)
     with (root / "config.json").open("w") as f:
         json.dump(config, f, indent=2)

@@ -30,9 +30,7 @@ def resolve_architecture(hf_config: dict) -> tuple[str, ModelSpec]:
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return arch, MODEL_REGISTRY[arch]
-    raise ValueError(
-        f"config.json: architectures={archs!r} is not supported (supported: {sorted(MODEL_REGISTRY)})"
-    )
+    raise ValueError(f"config.json: architectures={archs!r} is not supported (supported: {sorted(MODEL_REGISTRY)})")
 
 
 def parse_config(hf_config: dict) -> DiffusionLMConfig:
