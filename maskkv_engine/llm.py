@@ -115,7 +115,7 @@ class LLM:
 
     def apply_chat_template(self, conversation: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
+        if not isinstance(ids, list):  # transformers >= 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 

@@ -68,8 +68,13 @@ class BlockManager:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.k_pool = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
-        self.v_pool = torch.zeros(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        # Allocated lazily by the OS (empty, not zeros: a 1 GiB memset costs seconds). Pages are zeroed
+        # when handed out, and page 0 (where padded block-table entries point) now: every value a
+        # backend may read stays finite, so masked-out entries contribute exactly nothing.
+        self.k_pool = torch.empty(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.v_pool = torch.empty(num_pages, block_size, head_dim, dtype=dtype, device=device)
+        self.k_pool[0].zero_()
+        self.v_pool[0].zero_()
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._requests: dict[str, RequestKV] = {}
         self._reserved_total = 0
@@ -167,6 +172,9 @@ class BlockManager:
         kv.lens[layer] = lens
         kv._table = None
         if need:
+            page_ids = torch.tensor(ids, device=self.k_pool.device)
+            self.k_pool[page_ids] = 0
+            self.v_pool[page_ids] = 0
             self._write_rows(kv.pages[layer], k, v, lens)
         self._update_peak()
 

@@ -34,6 +34,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = config.torch_device
+        # cheap checks first: a misspelt policy or backend should not wait for the weights to load
+        self.policy = get_policy(config.kv_policy, config.kv_policy_config)
+        self.backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.model_config = load_model(
             config.model, config.dtype, self.device, config.load_format, config.seed
         )
@@ -41,8 +44,6 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
         self.stop_token_ids = self._stop_token_ids()
-        self.policy = get_policy(config.kv_policy, config.kv_policy_config)
-        self.backend = get_attention_backend(config.attention_backend, self.device)
         self.block_manager = self._make_block_manager() if self.policy.caches else None
         profile = load_profile(config.model, self.model_config, config.kv_policy_config.get("profile_path"))
         self.planner = KVPlanner(self.policy, self.model_config, config.cache.block_size, profile)

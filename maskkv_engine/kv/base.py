@@ -12,7 +12,6 @@ prompt KV until the pass ends (more peak memory, said in a warning).
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,7 +69,7 @@ class PolicyContext:
         return slice(self.n_prompt, self.n_total)
 
 
-class KVPolicy(ABC):
+class KVPolicy:
     """Base class. Subclasses are dataclasses with their hyperparameters as fields (published defaults)."""
 
     name: ClassVar[str] = "base"

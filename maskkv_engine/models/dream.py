@@ -13,7 +13,7 @@ from torch import nn
 
 from maskkv_engine.attention.backend import attention, residual_hook
 from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
-from maskkv_engine.models.layers import Linear, RMSNorm, RotaryEmbedding, linear, swiglu
+from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 DREAM_MASK_ID = 151666
 
@@ -96,7 +96,7 @@ class DreamDecoderLayer(nn.Module):
 class DreamBackbone(nn.Module):
     def __init__(self, cfg: DiffusionLMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DreamDecoderLayer(i, cfg) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

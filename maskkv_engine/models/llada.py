@@ -12,7 +12,7 @@ from torch import nn
 
 from maskkv_engine.attention.backend import attention, residual_hook
 from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
-from maskkv_engine.models.layers import Linear, RMSNorm, RotaryEmbedding, linear, swiglu
+from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 LLADA_MASK_ID = 126336
 
@@ -99,7 +99,7 @@ class LLaDATransformer(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                "wte": Embedding(cfg.vocab_size, cfg.hidden_size),
                 "blocks": nn.ModuleList(LLaDABlock(i, cfg) for i in range(cfg.num_layers)),
                 "ln_f": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
             }
