@@ -1,4 +1,4 @@
-"""``maskkv``: generate | random-checkpoint (and, as they land: calibrate | bench | serve)."""
+"""``maskkv``: generate | serve | random-checkpoint (and, as they land: calibrate | bench)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,9 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV.")
+    parser = argparse.ArgumentParser(
+        prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
@@ -108,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
+
+    from maskkv_engine.entrypoints.openai.cli_args import add_serve_args, cmd_serve
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn, or Ray Serve with --ray)")
+    _add_engine_args(s)
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the released layout")
     r.add_argument("--out", required=True)

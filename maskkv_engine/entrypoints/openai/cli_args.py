@@ -1,0 +1,61 @@
+"""``maskkv serve`` flags. Importing this needs no server packages, so ``maskkv generate`` works without them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt a model takes, far below a memory problem
+DEFAULT_MAX_QUEUE_LEN = 1024
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Server flags (the engine flags --model, --kv-policy, --kv-budget, ... come from the CLI)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests in one batch")
+    p.add_argument("--max-queue-len", type=int, default=DEFAULT_MAX_QUEUE_LEN,
+                   help="waiting requests beyond which new ones get 503 + Retry-After")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--kv-memory-bytes", type=int, default=None, help="size of the KV page pool")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("Ray Serve")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (with --ray)")
+    ray.add_argument("--address", default=None, help="an existing Ray cluster, e.g. 10.0.0.1:6379 (default: local)")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, dtype=args.dtype,
+                              device=args.device, seed=args.seed, max_num_seqs=args.max_num_seqs)  # fmt: skip
+    if args.attention_backend:
+        kw["attention_backend"] = args.attention_backend
+    if args.max_model_len is not None:
+        kw["max_model_len"] = args.max_model_len
+    if args.kv_memory_bytes is not None:
+        kw["kv_memory_bytes"] = args.kv_memory_bytes
+    return kw
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(model directory, the name clients use for it). No --model: the embedded default model."""
+    from maskkv_engine.llm import default_model_path
+
+    path = args.model if args.model is not None else default_model_path()
+    name = args.served_model_name or (args.model if args.model is not None else "maskkv-default")
+    return str(path), name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from maskkv_engine.distributed.ray_serve import run_ray_serve
+
+        return run_ray_serve(args)
+    from maskkv_engine.entrypoints.openai.api_server import run_server
+
+    return run_server(args)

@@ -1,0 +1,275 @@
+"""The OpenAI wire format: request bodies (with the diffusion fields) and response objects.
+
+Requests are strict: a wrong type or an unknown field is a 400 that names it, never silently
+coerced or ignored (a misspelt ``step`` would otherwise decode with the default schedule). OpenAI
+fields that a diffusion decoder cannot honour are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from maskkv_engine.sampling_params import SamplingParams
+
+# OpenAI's documented default for /v1/completions; chat has no limit in OpenAI, and a diffusion
+# canvas must have one, so chat uses the engine's default gen_length.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+CHAT_DEFAULT_MAX_TOKENS = SamplingParams.gen_length
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+    # maskkv: every denoising step sends a chunk with the whole response canvas, masks shown
+    include_denoising: bool = False
+
+
+class DiffusionFields(OpenAIBaseModel):
+    """Sampling fields shared by both routes: OpenAI's, then the diffusion ones (extra body fields)."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # diffusion decoding (see SamplingParams)
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str | None = None
+    kv_budget: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    cfg_scale: float | None = None
+    top_k: int | None = None
+    alg_temp: float | None = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _neutral_openai_fields(self) -> DiffusionFields:
+        unsupported = {
+            "n": self.n != 1,
+            "stop": bool(self.stop),
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+        }
+        for name, bad in unsupported.items():
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by the diffusion decoder")
+        return self
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Map onto SamplingParams (max_tokens = gen_length); its own checks raise ValueError naming the field."""
+        kw: dict[str, Any] = dict(gen_length=max_tokens, stop_at_eos=not self.ignore_eos)
+        for name in ("steps", "block_length", "remasking", "kv_budget", "threshold", "factor", "cfg_scale"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        for name in ("temperature", "top_p", "top_k", "alg_temp", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        return SamplingParams(**kw)
+
+    @property
+    def include_denoising(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_denoising
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(DiffusionFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _neutral_completion_fields(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo=True is not supported")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported by the diffusion decoder")
+        if self.best_of not in (None, 1):
+            raise ValueError(f"best_of={self.best_of!r} is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+    @property
+    def gen_length(self) -> int:
+        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list: OpenAI allows one text, one token list, or a batch of either."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt is empty")
+        if isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(DiffusionFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _neutral_chat_fields(self) -> ChatCompletionRequest:
+        if self.logprobs or self.top_logprobs is not None:
+            raise ValueError("logprobs is not supported by the diffusion decoder")
+        return self
+
+    @property
+    def gen_length(self) -> int:
+        for value in (self.max_completion_tokens, self.max_tokens):
+            if value is not None:
+                return value
+        return CHAT_DEFAULT_MAX_TOKENS
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+# ---- responses ------------------------------------------------------------------------------------
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Denoising(BaseModel):
+    """One denoising step of the response canvas (``include_denoising``)."""
+
+    step: int
+    canvas: str  # the whole response, [MASK] where nothing is committed yet
+    num_masked: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+    denoising: Denoising | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+    denoising: Denoising | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "maskkv"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
