@@ -56,7 +56,7 @@ def test_cancelling_a_caller_aborts_and_frees_its_pages_at_once(llada_dir):
     async def main():
         engine = make_engine(llada_dir)
         bm = engine.engine.block_manager
-        long = SamplingParams(gen_length=256, steps=256)
+        long = SamplingParams(gen_length=128, steps=128)
         other = asyncio.ensure_future(collect(engine, {"prompt_token_ids": prompt_ids(30, 1)}, long, "other"))
         seen = 0
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from maskkv_engine.sampling_params import SamplingParams
 
 # OpenAI's documented default for /v1/completions; chat has no limit in OpenAI, and a diffusion
-# canvas must have one, so chat uses the engine's default gen_length.
+# canvas must have one, so chat uses the engine's default gen_length (or what room the prompt leaves).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 CHAT_DEFAULT_MAX_TOKENS = SamplingParams.gen_length
 
@@ -172,12 +172,12 @@ class ChatCompletionRequest(DiffusionFields):
             raise ValueError("logprobs is not supported by the diffusion decoder")
         return self
 
-    @property
-    def gen_length(self) -> int:
+    def gen_length(self, room: int) -> int:
+        """max_completion_tokens, else max_tokens, else the default cut to the ``room`` the prompt leaves."""
         for value in (self.max_completion_tokens, self.max_tokens):
             if value is not None:
                 return value
-        return CHAT_DEFAULT_MAX_TOKENS
+        return max(1, min(CHAT_DEFAULT_MAX_TOKENS, room))
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -206,8 +206,9 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----------------------------------------------------------------------
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEStream:
         self._check_model(request.model)
-        prompt = {"prompt_token_ids": self._apply_chat_template(request), "prompt": None}
-        params = self._sampling_params(request, request.gen_length)
+        ids = self._apply_chat_template(request)
+        prompt = {"prompt_token_ids": ids, "prompt": None}
+        params = self._sampling_params(request, request.gen_length(self.max_model_len - len(ids)))
         base_id = random_id("chatcmpl")
         jobs = await self._start_or_400(base_id, [prompt], params)
         if request.stream:
