@@ -70,7 +70,9 @@ def llada_gqa_dir(tmp_path_factory):
 def dream_dir(tmp_path_factory):
     """Dream with GQA ratio 7 (7 query heads over 1 KV head), q/k/v biases, tokenizer included."""
     path = tmp_path_factory.mktemp("dream")
-    cfg = dream_config(hidden_size=56, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, vocab_size=256)
+    cfg = dream_config(
+        hidden_size=56, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, vocab_size=256
+    )
     write_checkpoint(path, cfg, seed=3)
     write_word_tokenizer(path, 256, cfg["mask_token_id"], cfg["eos_token_id"])
     return path

@@ -1,4 +1,4 @@
-"""``maskkv``: generate | random-checkpoint (and, as they land: calibrate | bench | serve)."""
+"""``maskkv``: generate | calibrate | random-checkpoint (and, as they land: bench | serve)."""
 
 from __future__ import annotations
 
@@ -92,8 +92,30 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from maskkv_engine.kv.calibrate import calibrate
+    from maskkv_engine.kv.profile import PROFILE_FILE
+    from maskkv_engine.llm import default_model_path
+
+    model = args.model or default_model_path()
+    prompts = None
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        prompts = [json.loads(p) if p.startswith("[") else p for p in prompts]  # a JSON id list, or text
+    out = args.out or f"{model}/{PROFILE_FILE}"
+    stats = calibrate(
+        model, prompts, gen_length=args.gen_length, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
+        seed=args.seed, dtype=args.dtype, device=args.device, out=out,
+    )  # fmt: skip
+    print(f"wrote {out}: layer importance {[round(float(x), 4) for x in stats.layer_importance]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV.")
+    parser = argparse.ArgumentParser(
+        prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
@@ -108,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate", help="measure layer importance and head prompt preference (the MaskKV profile)")
+    c.add_argument("--model", default=None, help="local model directory (default: the embedded default model)")
+    c.add_argument("--out", default=None, help="profile path (default: <model>/maskkv_profile.json)")
+    c.add_argument("--prompts-file", default=None, help="one prompt per line: text, or a JSON list of token ids")
+    c.add_argument("--num-prompts", type=int, default=8, help="random prompts when no file is given")
+    c.add_argument("--prompt-len", type=int, default=512)
+    c.add_argument("--gen-length", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint in the released layout")
     r.add_argument("--out", required=True)
