@@ -9,43 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fast
 import pytest
 import torch
 
-from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint
+from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint, write_word_tokenizer
 
 torch.set_num_threads(1)
-
-WORDS = [f"w{i}" for i in range(200)]
-
-
-def write_word_tokenizer(path, vocab_size: int, mask_id: int, eos_id: int) -> None:
-    """A word-level tokenizer in the transformers format with a chat template (ids fit the model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {"<|endoftext|>": eos_id, "<|mdm_mask|>": mask_id, "<unk>": 0, "<|user|>": 1, "<|assistant|>": 2}
-    vocab = dict(specials)
-    next_id = 3
-    for w in WORDS:
-        while next_id in vocab.values():
-            next_id += 1
-        if next_id >= vocab_size:
-            break
-        vocab[w] = next_id
-        next_id += 1
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        eos_token="<|endoftext|>",
-        mask_token="<|mdm_mask|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    fast.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
-        "{% else %}<|assistant|> {{ m['content'] }} {% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    fast.save_pretrained(str(path))
 
 
 @pytest.fixture(scope="session")

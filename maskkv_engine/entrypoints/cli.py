@@ -74,7 +74,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
-    from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint
+    from maskkv_engine.models.random_checkpoint import (
+        dream_config,
+        llada_config,
+        write_checkpoint,
+        write_word_tokenizer,
+    )
 
     if args.arch == "llada":
         cfg = llada_config(
@@ -88,7 +93,10 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
             max_position_embeddings=args.max_len,
         )  # fmt: skip
     path = write_checkpoint(args.out, cfg, seed=args.seed)
-    print(f"wrote a random-weight {args.arch} checkpoint (released layout) to {path}")
+    mask = cfg["mask_token_id"]
+    eos = cfg["eos_token_id"]
+    write_word_tokenizer(path, args.vocab, mask, eos)
+    print(f"wrote a random-weight {args.arch} checkpoint (released layout, word tokenizer w0 w1 ...) to {path}")
     return 0
 
 
