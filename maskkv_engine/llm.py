@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,22 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[rid] for rid in ids]
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Watch one request denoise: yields its state after every step (``canvas_token_ids`` /
+        ``canvas_text`` show the masks still left); the last item is the finished output."""
+        rid = f"stream-{next(self._ids)}"
+        engine = self.llm_engine
+        engine.add_request(rid, prompt, sampling_params)
+        try:
+            while True:
+                for out in engine.step(intermediate=True):
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:  # a caller that stops iterating early must not leave the request holding pages
+            engine.abort_request(rid)
 
     def chat(
         self,

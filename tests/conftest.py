@@ -9,43 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is fast
 import pytest
 import torch
 
-from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint
+from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint, write_word_tokenizer
 
 torch.set_num_threads(1)
-
-WORDS = [f"w{i}" for i in range(200)]
-
-
-def write_word_tokenizer(path, vocab_size: int, mask_id: int, eos_id: int) -> None:
-    """A word-level tokenizer in the transformers format with a chat template (ids fit the model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {"<|endoftext|>": eos_id, "<|mdm_mask|>": mask_id, "<unk>": 0, "<|user|>": 1, "<|assistant|>": 2}
-    vocab = dict(specials)
-    next_id = 3
-    for w in WORDS:
-        while next_id in vocab.values():
-            next_id += 1
-        if next_id >= vocab_size:
-            break
-        vocab[w] = next_id
-        next_id += 1
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        eos_token="<|endoftext|>",
-        mask_token="<|mdm_mask|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    fast.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
-        "{% else %}<|assistant|> {{ m['content'] }} {% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    fast.save_pretrained(str(path))
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +36,9 @@ def llada_gqa_dir(tmp_path_factory):
 def dream_dir(tmp_path_factory):
     """Dream with GQA ratio 7 (7 query heads over 1 KV head), q/k/v biases, tokenizer included."""
     path = tmp_path_factory.mktemp("dream")
-    cfg = dream_config(hidden_size=56, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, vocab_size=256)
+    cfg = dream_config(
+        hidden_size=56, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1, vocab_size=256
+    )
     write_checkpoint(path, cfg, seed=3)
     write_word_tokenizer(path, 256, cfg["mask_token_id"], cfg["eos_token_id"])
     return path

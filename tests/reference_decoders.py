@@ -22,7 +22,9 @@ def llada_generate(logits_fn, prompt, steps, gen_length, block_length, mask_id, 
     for b in range(num_blocks):
         lo, hi = p + b * block_length, p + (b + 1) * block_length
         n_masks = int((x[lo:hi] == mask_id).sum())
-        counts = [n_masks // steps_per_block + (1 if i < n_masks % steps_per_block else 0) for i in range(steps_per_block)]
+        counts = [
+            n_masks // steps_per_block + (1 if i < n_masks % steps_per_block else 0) for i in range(steps_per_block)
+        ]
         for i in range(steps_per_block):
             mask_index = x == mask_id
             if cfg_scale > 0:

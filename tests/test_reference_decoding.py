@@ -34,7 +34,9 @@ def test_llada_none_matches_reference(llada_llm, gen_length, steps, block_length
     for seed, n in [(0, 9), (1, 30)]:
         prompt = prompt_ids(n, seed=seed)
         expected = llada_generate(_logits_fn(llada_llm), prompt, steps, gen_length, block_length, mask, cfg)
-        sp = SamplingParams(gen_length=gen_length, steps=steps, block_length=block_length, cfg_scale=cfg, stop_at_eos=False)
+        sp = SamplingParams(
+            gen_length=gen_length, steps=steps, block_length=block_length, cfg_scale=cfg, stop_at_eos=False
+        )
         out = llada_llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == expected
         assert out.outputs[0].finish_reason == "length"
@@ -65,7 +67,9 @@ def test_stop_at_eos_truncates_reference_output_exactly(llada_dir):
     for seed in range(6):
         prompt = prompt_ids(12, seed=seed)
         ref = llada_generate(_logits_fn(llm), prompt, 16, 16, 8, mask)
-        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(gen_length=16, steps=16, block_length=8), use_tqdm=False)
+        out = llm.generate(
+            {"prompt_token_ids": prompt}, SamplingParams(gen_length=16, steps=16, block_length=8), use_tqdm=False
+        )
         cut = ref.index(eos) if eos in ref else len(ref)
         assert out[0].outputs[0].token_ids == ref[:cut]
         assert out[0].outputs[0].finish_reason == ("stop" if eos in ref else "length")

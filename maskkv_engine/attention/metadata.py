@@ -56,6 +56,22 @@ class AttentionMetadata:
         assert self.k_pool is not None
         return int(self.k_pool.shape[1])
 
+    def select(self, seqs: torch.Tensor) -> AttentionMetadata:
+        """The same pass restricted to some sequences (rows still index the whole packed stream); the
+        query padding shrinks to what those sequences need."""
+        lens = self.seq_lens[seqs]
+        lpad = -(-int(lens.max()) // PAD_MULTIPLE) * PAD_MULTIPLE
+        return AttentionMetadata(
+            seq_lens=lens,
+            cu_seqlens=self.cu_seqlens,  # offsets of the whole stream; use q_index for rows
+            q_index=self.q_index[seqs, :lpad],
+            q_valid=self.q_valid[seqs, :lpad],
+            block_tables=None if self.block_tables is None else self.block_tables[:, seqs],
+            cached_lens=None if self.cached_lens is None else self.cached_lens[:, seqs],
+            k_pool=self.k_pool,
+            v_pool=self.v_pool,
+        )
+
     @classmethod
     def build(
         cls,

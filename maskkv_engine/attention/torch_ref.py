@@ -45,10 +45,31 @@ class _OnlineSoftmax:
         return self.acc / self.l
 
 
+def _length_buckets(seq_lens: torch.Tensor) -> list[torch.Tensor]:
+    """Sequence indices grouped by padded length (powers of two times TILE), so a batch mixing full
+    passes over long prompts with short cached steps never pads the short ones to the long ones."""
+    tiles = (seq_lens.cpu() + TILE - 1) // TILE
+    bucket = torch.ceil(torch.log2(tiles.double())).long()
+    return [(bucket == b).nonzero().squeeze(-1) for b in torch.unique(bucket)]
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        buckets = _length_buckets(meta.seq_lens)
+        if len(buckets) == 1:
+            return self._forward_bucket(layer, q, k, v, meta)
+        out = q.new_empty(q.shape)
+        for seqs in buckets:
+            sub = meta.select(seqs.to(meta.q_index.device))
+            rows = sub.q_index[sub.q_valid]
+            out[rows] = self._forward_bucket(layer, q, k, v, sub)
+        return out
+
+    def _forward_bucket(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         out_dtype = q.dtype

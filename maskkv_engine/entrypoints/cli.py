@@ -1,4 +1,4 @@
-"""``maskkv``: generate | serve | random-checkpoint (and, as they land: calibrate | bench)."""
+"""``maskkv``: generate | serve | calibrate | random-checkpoint (and, as it lands: bench)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 import time
+
+from maskkv_engine.entrypoints.openai.cli_args import add_serve_args, cmd_serve
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +76,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> int:
-    from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint
+    from maskkv_engine.models.random_checkpoint import (
+        dream_config,
+        llada_config,
+        write_checkpoint,
+        write_word_tokenizer,
+    )
 
     if args.arch == "llada":
         cfg = llada_config(
@@ -88,7 +95,30 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
             max_position_embeddings=args.max_len,
         )  # fmt: skip
     path = write_checkpoint(args.out, cfg, seed=args.seed)
-    print(f"wrote a random-weight {args.arch} checkpoint (released layout) to {path}")
+    mask = cfg["mask_token_id"]
+    eos = cfg["eos_token_id"]
+    write_word_tokenizer(path, args.vocab, mask, eos)
+    print(f"wrote a random-weight {args.arch} checkpoint (released layout, word tokenizer w0 w1 ...) to {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from maskkv_engine.kv.calibrate import calibrate
+    from maskkv_engine.kv.profile import PROFILE_FILE
+    from maskkv_engine.llm import default_model_path
+
+    model = args.model or default_model_path()
+    prompts = None
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        prompts = [json.loads(p) if p.startswith("[") else p for p in prompts]  # a JSON id list, or text
+    out = args.out or f"{model}/{PROFILE_FILE}"
+    stats = calibrate(
+        model, prompts, gen_length=args.gen_length, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
+        seed=args.seed, dtype=args.dtype, device=args.device, out=out,
+    )  # fmt: skip
+    print(f"wrote {out}: layer importance {[round(float(x), 4) for x in stats.layer_importance]}")
     return 0
 
 
@@ -111,7 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
-    from maskkv_engine.entrypoints.openai.cli_args import add_serve_args, cmd_serve
+    c = sub.add_parser("calibrate", help="measure layer importance and head prompt preference (the MaskKV profile)")
+    c.add_argument("--model", default=None, help="local model directory (default: the embedded default model)")
+    c.add_argument("--out", default=None, help="profile path (default: <model>/maskkv_profile.json)")
+    c.add_argument("--prompts-file", default=None, help="one prompt per line: text, or a JSON list of token ids")
+    c.add_argument("--num-prompts", type=int, default=8, help="random prompts when no file is given")
+    c.add_argument("--prompt-len", type=int, default=512)
+    c.add_argument("--gen-length", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn, or Ray Serve with --ray)")
     _add_engine_args(s)

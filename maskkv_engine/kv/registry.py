@@ -6,15 +6,25 @@ import dataclasses
 from importlib.metadata import entry_points
 from typing import Any
 
+from maskkv_engine.kv.adakv import AdaKVPolicy
 from maskkv_engine.kv.base import KVPolicy
 from maskkv_engine.kv.full import FullCachePolicy
+from maskkv_engine.kv.maskkv import MaskKVPolicy
 from maskkv_engine.kv.none import NoCachePolicy
+from maskkv_engine.kv.pyramidkv import PyramidKVPolicy
+from maskkv_engine.kv.snapkv import SnapKVPolicy
+from maskkv_engine.kv.squeeze import SqueezeAttentionPolicy
 
 ENTRY_POINT_GROUP = "maskkv_engine.kv_policies"
 
 BUILTIN_POLICIES: dict[str, type[KVPolicy]] = {
     "none": NoCachePolicy,
     "full": FullCachePolicy,
+    "maskkv": MaskKVPolicy,
+    "snapkv": SnapKVPolicy,
+    "pyramidkv": PyramidKVPolicy,
+    "adakv": AdaKVPolicy,
+    "squeeze": SqueezeAttentionPolicy,
 }
 
 
