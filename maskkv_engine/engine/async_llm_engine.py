@@ -13,6 +13,7 @@ All public methods must be called from the event loop that runs the engine (the 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -249,6 +250,8 @@ class AsyncLLMEngine:
     def _dispatch(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         finished = []
         for out in outputs:
+            # the engine keeps updating a request's metrics object while the next step runs: snapshot it
+            out.metrics = copy.copy(out.metrics)
             if out.finished:
                 finished.append(out)
                 stream = self._streams.pop(out.request_id, None)
