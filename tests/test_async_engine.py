@@ -17,8 +17,10 @@ def llm(llada_dir):
     return LLM(str(llada_dir), kv_policy="full")
 
 
-def make_engine(llada_dir, **kw) -> AsyncLLMEngine:
-    return AsyncLLMEngine.from_engine_args(str(llada_dir), kv_policy="full", **kw)
+def make_engine(llada_dir, kv_policy: str = "full", **kw) -> AsyncLLMEngine:
+    if kv_policy == "maskkv":
+        kw.setdefault("kv_budget", 8)
+    return AsyncLLMEngine.from_engine_args(str(llada_dir), kv_policy=kv_policy, **kw)
 
 
 def params(i: int) -> SamplingParams:
@@ -52,9 +54,10 @@ def test_concurrent_callers_share_the_batch_and_match_llm(llada_dir, llm):
         assert outs[0].canvas_token_ids is not None and "[MASK]" in outs[0].canvas_text
 
 
-def test_cancelling_a_caller_aborts_and_frees_its_pages_at_once(llada_dir):
+@pytest.mark.parametrize("kv_policy", ["full", "maskkv"])
+def test_cancelling_a_caller_aborts_and_frees_its_pages_at_once(llada_dir, kv_policy):
     async def main():
-        engine = make_engine(llada_dir)
+        engine = make_engine(llada_dir, kv_policy)
         bm = engine.engine.block_manager
         long = SamplingParams(gen_length=128, steps=128)
         other = asyncio.ensure_future(collect(engine, {"prompt_token_ids": prompt_ids(30, 1)}, long, "other"))
