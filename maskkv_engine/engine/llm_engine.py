@@ -39,6 +39,11 @@ class LLMEngine:
         # cheap checks first: a misspelt policy or backend should not wait for the weights to load
         self.policy = get_policy(config.kv_policy, config.kv_policy_config)
         self.refresh = get_refresh(config.refresh, config.refresh_config)
+        if self.refresh.needs_cache and not self.policy.caches:
+            raise ValueError(
+                f"refresh={config.refresh!r} reuses cached KV, but kv_policy='none' keeps none "
+                f"(allowed with 'none': 'every_step', the reference decoder)"
+            )
         self._refresh_by_request: dict[tuple, RefreshStrategy] = {}
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.model_config = load_model(
@@ -145,6 +150,7 @@ class LLMEngine:
             budget,
             self.device,
             uses_cache=self.policy.caches,
+            num_layers=self.model_config.num_layers,
         )
         refresh.check(req)
         req.refresh_state = refresh.new_state(req)
@@ -294,8 +300,10 @@ class LLMEngine:
             if self.block_manager is not None:
                 m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
             committed = self.sampler.commit(req, res.positions, res.logits)
-            req.committed_per_step.append(int(committed.numel()))
-            req.refresh_state.after_step(self.model_config.num_layers, committed)
+            m.committed_per_step.append(int(committed.numel()))
+            state = req.refresh_state
+            state.after_step(self.model_config.num_layers, committed)
+            m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
             if req.check_finished():
                 m.finished_time = time.monotonic()
                 self.scheduler.finish(req)

@@ -42,6 +42,8 @@ class StepContext(StepHooks):
         self.capture = capture
         self.block_manager = block_manager
         self.custom = [s for s in sequences if s.state is not None and s.state.custom_layers]
+        for seq in self.custom:
+            seq.state.block_manager = block_manager  # refresh states may read the prompt pages
         self._rows: dict[int, torch.Tensor | None] = {}
         self._local_rows: dict[int, list[torch.Tensor | None]] = {}
 

@@ -28,8 +28,8 @@ def block_forward(
 ) -> torch.Tensor:
     hooks = get_forward_context().hooks
     q, k, v = qkv(norm1(x))  # post-RoPE, [T, H, D]
+    o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
     rows = hooks.rows(layer) if hooks is not None else None
-    o = attention(layer, q, k, v)  # [rows, H_q, D]
     x_rows = x if rows is None else x[rows]
     a = out_proj(o.reshape(o.shape[0], -1))
     x1 = x_rows + a

@@ -6,10 +6,17 @@ import dataclasses
 from typing import Any
 
 from maskkv_engine.refresh.base import RefreshStrategy
+from maskkv_engine.refresh.dllm_cache import DLLMCache
+from maskkv_engine.refresh.elastic import ElasticCache
 from maskkv_engine.refresh.every_step import EveryStep
+from maskkv_engine.refresh.fast_dllm import FastDLLM, FastDLLMDual
 
 REFRESH_STRATEGIES: dict[str, type[RefreshStrategy]] = {
     "every_step": EveryStep,
+    "fast_dllm": FastDLLM,
+    "fast_dllm_dual": FastDLLMDual,
+    "dllm_cache": DLLMCache,
+    "elastic": ElasticCache,
 }
 
 
