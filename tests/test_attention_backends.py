@@ -227,3 +227,21 @@ def test_triton_refuses_the_cpu_without_the_interpreter(monkeypatch):
 def test_xformers_refuses_the_cpu():
     with pytest.raises(RuntimeError, match="attention_backend="):
         get_attention_backend("xformers", torch.device("cpu"))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fixture,policy", [("llada_gqa_dir", "adakv"), ("dream_dir", "snapkv")])
+def test_triton_engine_generates_what_torch_generates(fixture, policy, request):
+    """The whole engine (full passes, then cached steps over real pages) with either backend."""
+    from maskkv_engine import LLM, SamplingParams
+    from tests.conftest import prompt_ids
+
+    path = str(request.getfixturevalue(fixture))
+    prompts = [{"prompt_token_ids": prompt_ids(n, seed=n)} for n in (5, 40, 90)]
+    blocks = {"block_length": 8} if fixture.startswith("llada") else {}  # Dream decodes one block
+    params = SamplingParams(gen_length=16, steps=8, kv_budget=8, **blocks)
+    outputs = {}
+    for name in ("torch", "triton"):
+        llm = LLM(path, kv_policy=policy, attention_backend=name, dtype="float32", device=str(DEVICE))
+        outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["triton"] == outputs["torch"]
