@@ -175,7 +175,7 @@ class TritonAttentionBackend(AttentionBackend):
         if self.device.type != "cuda" and not interpreted():
             raise RuntimeError(
                 f"attention_backend='triton' needs a CUDA device (got {self.device}); on the CPU use "
-                "attention_backend='torch', or set TRITON_INTERPRET=1 before importing maskkv_engine to run the "
+                "attention_backend='torch', or start Python with TRITON_INTERPRET=1 in the environment to run the "
                 "kernel in triton's interpreter (slow; for tests)"
             )
         for name, value in (("block_m", block_m), ("block_n", block_n)):
