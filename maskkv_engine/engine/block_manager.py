@@ -135,6 +135,8 @@ class BlockManager:
 
     def reserve(self, request_id: str, num_pages: int) -> None:
         """Set pages aside for a request about to run its prefill pass. Refusal changes nothing."""
+        if num_pages < 0:
+            raise ValueError(f"request {request_id!r}: num_pages={num_pages} must be >= 0")
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} already holds pages")
         if not self.can_reserve(num_pages):
@@ -168,6 +170,7 @@ class BlockManager:
         if any(kv.pages[layer]):
             raise ValueError(f"request {request_id!r} already has pages for layer {layer}")
         lens = lens.to(torch.long).cpu()
+        self._check_rows(k, v, lens)  # before anything moves: a bad call must not leak or half-write pages
         per_head = ((lens + self.block_size - 1) // self.block_size).tolist()
         need = sum(per_head)
         from_reserve = min(need, kv.reserved)
@@ -189,6 +192,15 @@ class BlockManager:
             self.v_pool[page_ids] = 0
             self._write_rows(kv.pages[layer], k, v, lens)
         self._update_peak()
+
+    def _check_rows(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
+        heads, dim = self.num_kv_heads, self.head_dim
+        if lens.shape != (heads,):
+            raise ValueError(f"lens has shape {tuple(lens.shape)}, expected ({heads},): one length per kv head")
+        if k.shape != v.shape or k.dim() != 3 or k.shape[0] != heads or k.shape[2] != dim:
+            raise ValueError(f"k, v must both be [{heads}, n_max, {dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if bool((lens < 0).any()) or int(lens.max()) > k.shape[1]:
+            raise ValueError(f"kept lengths {lens.tolist()} must be in [0, {k.shape[1]}] (the rows given)")
 
     def _write_rows(self, pages: list[list[int]], k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
         n_max = k.shape[1]
