@@ -67,6 +67,8 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     load_format: str = "auto"
     attention_backend: str | None = None
+    refresh: str = "every_step"
+    refresh_config: dict[str, Any] = field(default_factory=dict)
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -76,6 +78,8 @@ class EngineConfig:
             raise ValueError(f"kv_budget={self.kv_budget!r} must be an integer >= 1 (KV pairs per head) or None")
         if not isinstance(self.kv_policy_config, dict):
             raise ValueError(f"kv_policy_config must be a dict, got {type(self.kv_policy_config).__name__}")
+        if not isinstance(self.refresh_config, dict):
+            raise ValueError(f"refresh_config must be a dict, got {type(self.refresh_config).__name__}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be an integer >= 2")
         if not isinstance(self.seed, int):

@@ -18,6 +18,14 @@ class RequestMetrics:
     kv_pages_peak: int = 0  # pages this request held at its peak
     kv_tokens_kept: int = 0  # prompt KV pairs kept, summed over layers and heads
     num_generated_tokens: int = 0
+    committed_per_step: list[int] = field(default_factory=list)  # tokens each step committed
+    layers_recomputed: int = 0  # (step, layer) pairs in which every computed row was recomputed
+    layers_total: int = 0
+
+    @property
+    def recompute_fraction(self) -> float | None:
+        """Share of (step, layer) pairs that recomputed the step's rows (1.0 without a refresh strategy)."""
+        return self.layers_recomputed / self.layers_total if self.layers_total else None
 
     @property
     def time_in_queue(self) -> float | None:

@@ -26,6 +26,7 @@ class SamplingParams:
     seed:         per-request seed; the same seed gives the same tokens whatever the batch.
     stop_at_eos:  drop the first EOS and what follows; stop as soon as that prefix is final.
     top_p, top_k, alg_temp, eps: Dream's sampling knobs, as its generation config names them.
+    refresh, refresh_config: this request's refresh strategy (overrides the engine's; see refresh/).
     """
 
     gen_length: int = 128
@@ -43,6 +44,8 @@ class SamplingParams:
     top_k: int | None = None
     alg_temp: float | None = None
     eps: float = 1e-3
+    refresh: str | None = None
+    refresh_config: dict | None = None
 
     def __post_init__(self) -> None:
         _int_at_least("gen_length", self.gen_length, 1)
@@ -86,6 +89,10 @@ class SamplingParams:
             _number_at_least("alg_temp", self.alg_temp, 0.0)
         if not (isinstance(self.eps, (int, float)) and 0.0 < self.eps < 1.0):
             raise ValueError(f"SamplingParams.eps={self.eps!r} must be in (0, 1)")
+        if self.refresh is not None and not isinstance(self.refresh, str):
+            raise ValueError(f"SamplingParams.refresh={self.refresh!r} must be a strategy name or None")
+        if self.refresh_config is not None and not isinstance(self.refresh_config, dict):
+            raise ValueError(f"SamplingParams.refresh_config={self.refresh_config!r} must be a dict or None")
 
     @property
     def num_blocks(self) -> int:

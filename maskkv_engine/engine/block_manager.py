@@ -28,12 +28,14 @@ class RequestKV:
     num_kv_heads: int
     pages: list[list[list[int]]] = field(default_factory=list)
     lens: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    positions: list[torch.Tensor | None] = field(default_factory=list)  # per layer [H, n_max]: kept token positions
     reserved: int = 0  # pages reserved, not yet allocated
     _table: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.pages = [[[] for _ in range(self.num_kv_heads)] for _ in range(self.num_layers)]
         self.lens = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.long)
+        self.positions = [None] * self.num_layers
 
     @property
     def num_pages(self) -> int:
@@ -133,6 +135,8 @@ class BlockManager:
 
     def reserve(self, request_id: str, num_pages: int) -> None:
         """Set pages aside for a request about to run its prefill pass. Refusal changes nothing."""
+        if num_pages < 0:
+            raise ValueError(f"request {request_id!r}: num_pages={num_pages} must be >= 0")
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} already holds pages")
         if not self.can_reserve(num_pages):
@@ -147,16 +151,26 @@ class BlockManager:
         kv.reserved = 0
 
     # ---- writing ---------------------------------------------------------------------------------
-    def store(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
+    def store(
+        self,
+        request_id: str,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         """Allocate pages for one layer and write its kept rows.
 
-        k, v: [H_kv, n_max, D] kept rows per head (head h uses its first ``lens[h]`` rows).
+        k, v: [H_kv, n_max, D] kept rows per head (head h uses its first ``lens[h]`` rows);
+        positions: [H_kv, n_max] the sequence positions of those rows (kept so a refresh can rewrite them).
         Pages come out of the request's reservation first, then from the free pool.
         """
         kv = self._requests[request_id]
         if any(kv.pages[layer]):
             raise ValueError(f"request {request_id!r} already has pages for layer {layer}")
         lens = lens.to(torch.long).cpu()
+        self._check_rows(k, v, lens)  # before anything moves: a bad call must not leak or half-write pages
         per_head = ((lens + self.block_size - 1) // self.block_size).tolist()
         need = sum(per_head)
         from_reserve = min(need, kv.reserved)
@@ -170,6 +184,7 @@ class BlockManager:
             kv.pages[layer][h] = ids[start : start + n]
             start += n
         kv.lens[layer] = lens
+        kv.positions[layer] = None if positions is None else positions.cpu()
         kv._table = None
         if need:
             page_ids = torch.tensor(ids, device=self.k_pool.device)
@@ -177,6 +192,15 @@ class BlockManager:
             self.v_pool[page_ids] = 0
             self._write_rows(kv.pages[layer], k, v, lens)
         self._update_peak()
+
+    def _check_rows(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
+        heads, dim = self.num_kv_heads, self.head_dim
+        if lens.shape != (heads,):
+            raise ValueError(f"lens has shape {tuple(lens.shape)}, expected ({heads},): one length per kv head")
+        if k.shape != v.shape or k.dim() != 3 or k.shape[0] != heads or k.shape[2] != dim:
+            raise ValueError(f"k, v must both be [{heads}, n_max, {dim}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if bool((lens < 0).any()) or int(lens.max()) > k.shape[1]:
+            raise ValueError(f"kept lengths {lens.tolist()} must be in [0, {k.shape[1]}] (the rows given)")
 
     def _write_rows(self, pages: list[list[int]], k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
         n_max = k.shape[1]
@@ -193,6 +217,36 @@ class BlockManager:
         d = self.head_dim
         self.k_pool.view(-1, d)[slots] = k[valid].to(self.k_pool.dtype)
         self.v_pool.view(-1, d)[slots] = v[valid].to(self.v_pool.dtype)
+
+    def rewrite(self, request_id: str, layer: int, k_seq: torch.Tensor, v_seq: torch.Tensor) -> None:
+        """Overwrite a layer's kept rows in place with fresh K/V of the same positions (a refresh).
+
+        k_seq, v_seq: [n, H_kv, D], the whole cached region of the sequence from a full pass.
+        """
+        kv = self._requests[request_id]
+        pos = kv.positions[layer]
+        if pos is None or not any(kv.pages[layer]):
+            return
+        heads = torch.arange(pos.shape[0])[:, None].expand_as(pos).to(k_seq.device)
+        pos = pos.to(k_seq.device)
+        self._write_rows(kv.pages[layer], k_seq[pos, heads], v_seq[pos, heads], kv.lens[layer])  # [H, n_max, D]
+
+    def kept(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's kept prompt KV, gathered: k, v [H_kv, n_max, D], lens [H_kv], positions [H_kv, n_max]."""
+        kv = self._requests[request_id]
+        lens = kv.lens[layer]
+        n_max = max(int(lens.max()), 1)
+        table = kv.block_table()[layer]  # [H, P]
+        t = torch.arange(n_max)
+        page = table.gather(1, (t // self.block_size).clamp(max=table.shape[1] - 1)[None, :].expand(table.shape[0], -1))
+        slots = (page * self.block_size + t % self.block_size).to(self.k_pool.device)
+        d = self.head_dim
+        k = self.k_pool.view(-1, d)[slots]
+        v = self.v_pool.view(-1, d)[slots]
+        pos = kv.positions[layer]
+        if pos is None:
+            pos = torch.zeros(lens.shape[0], n_max, dtype=torch.long)
+        return k, v, lens, pos[:, :n_max] if pos.shape[1] >= n_max else pos
 
     # ---- freeing ---------------------------------------------------------------------------------
     def free(self, request_id: str) -> int:

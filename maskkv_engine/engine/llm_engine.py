@@ -21,6 +21,8 @@ from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
 from maskkv_engine.models.loader import load_model
 from maskkv_engine.outputs import CompletionOutput, RequestOutput
+from maskkv_engine.refresh.base import RefreshStrategy
+from maskkv_engine.refresh.registry import get_refresh
 from maskkv_engine.sampling.sampler import Sampler
 from maskkv_engine.sampling_params import DREAM_REMASKING, LLADA_REMASKING, SamplingParams
 from maskkv_engine.tokenizer import load_tokenizer
@@ -36,6 +38,13 @@ class LLMEngine:
         self.device = config.torch_device
         # cheap checks first: a misspelt policy or backend should not wait for the weights to load
         self.policy = get_policy(config.kv_policy, config.kv_policy_config)
+        self.refresh = get_refresh(config.refresh, config.refresh_config)
+        if self.refresh.needs_cache and not self.policy.caches:
+            raise ValueError(
+                f"refresh={config.refresh!r} reuses cached KV, but kv_policy='none' keeps none "
+                f"(allowed with 'none': 'every_step', the reference decoder)"
+            )
+        self._refresh_by_request: dict[tuple, RefreshStrategy] = {}
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.model_config = load_model(
             config.model, config.dtype, self.device, config.load_format, config.seed
@@ -124,6 +133,7 @@ class LLMEngine:
             raise ValueError(f"request_id={request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._validate(params, token_ids)
+        refresh = self._refresh_for(params)
         index = next(self._counter)
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + index
         budget = self.planner.budget(params.kv_budget, self.config.kv_budget)
@@ -139,7 +149,11 @@ class LLMEngine:
             seed,
             budget,
             self.device,
+            uses_cache=self.policy.caches,
+            num_layers=self.model_config.num_layers,
         )
+        refresh.check(req)
+        req.refresh_state = refresh.new_state(req)
         req.policy_ctx = self.planner.context(req.n_cached, req.prompt_len, req.num_tokens, budget)
         req.kv_plan = self.planner.plan(req.policy_ctx)
         req.collect_stats = self.planner.online
@@ -153,6 +167,30 @@ class LLMEngine:
         self._requests[request_id] = req
         self.scheduler.add(req)
         return req
+
+    def _refresh_for(self, params: SamplingParams) -> RefreshStrategy:
+        """The request's refresh strategy (its own when SamplingParams names one), checked against the policy."""
+        if params.refresh is None and params.refresh_config is None:
+            strategy = self.refresh
+        else:
+            name = params.refresh or self.config.refresh
+            config = (
+                params.refresh_config
+                if params.refresh_config is not None
+                else (self.config.refresh_config if name == self.config.refresh else {})
+            )
+            key = (name, tuple(sorted((k, repr(v)) for k, v in config.items())))
+            if key not in self._refresh_by_request:
+                self._refresh_by_request[key] = get_refresh(name, config)
+            strategy = self._refresh_by_request[key]
+        if strategy.needs_cache and not self.policy.caches:
+            raise ValueError(
+                f"refresh={strategy.name!r} reuses cached KV, but kv_policy='none' keeps none "
+                f"(allowed with 'none': 'every_step', the reference decoder)"
+            )
+        if strategy.needs_cache and params.cfg_scale > 0:
+            raise ValueError(f"cfg_scale > 0 runs with refresh='every_step' only (refresh={strategy.name!r})")
+        return strategy
 
     def _pages_needed(self, req: Request) -> int:
         return self.planner.pages_needed(req.policy_ctx, req.kv_plan)
@@ -261,7 +299,11 @@ class LLMEngine:
                 req.kv_ready = True
             if self.block_manager is not None:
                 m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
-            self.sampler.commit(req, res.positions, res.logits)
+            committed = self.sampler.commit(req, res.positions, res.logits)
+            m.committed_per_step.append(int(committed.numel()))
+            state = req.refresh_state
+            state.after_step(self.model_config.num_layers, committed)
+            m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
             if req.check_finished():
                 m.finished_time = time.monotonic()
                 self.scheduler.finish(req)

@@ -1,12 +1,10 @@
 """Runs one engine step: packs the scheduled requests into one token stream, runs the model once (one
 forward per layer for the whole mixed batch), and returns the logits of each request's candidates.
 
-Per request, a step computes either
-* a full pass over [prompt + response] (the first step of a cached policy, where the policy writes
-  the kept prompt KV into pages; or every step of ``none``, the reference decoder), or
-* a cached step: only the response (Dream: plus the last prompt token, whose hidden state predicts
-  the first response token), attending to its pruned prompt pages plus its own fresh KV.
-Logits are computed only for the positions the request may commit this step.
+What a request computes is its step plan (refresh/base.py): a full pass over [prompt + response]
+(its first step, where the KV policy writes the kept prompt KV into pages; every step of 'none'; a
+refresh), or a cached step over part of its sequence that reads its pruned prompt pages (and whatever
+its refresh strategy caches). Logits are computed only for the positions it may commit this step.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from maskkv_engine.attention.backend import AttentionBackend
 from maskkv_engine.attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
 from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.engine.scheduler import ScheduledRequest
+from maskkv_engine.engine.step_context import PlannedSequence, StepContext
 from maskkv_engine.kv.base import KVPolicy
 from maskkv_engine.kv.prefill_capture import CaptureTarget, PrefillCapture
 from maskkv_engine.models.config import DiffusionLMConfig
@@ -51,44 +50,52 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
         shift = 1 if self.config.logits_shift else 0
-        ids, pos, seq_lens, starts = [], [], [], []
+        ids, pos, seq_lens, uses_pages = [], [], [], []
+        sequences: list[PlannedSequence] = []
         logit_rows: list[torch.Tensor] = []
         candidates: list[torch.Tensor] = []
         targets: list[CaptureTarget] = []
-        uses_cache: list[bool] = []
         row = 0
         for item in scheduled:
-            req = item.request
+            req, plan = item.request, item.plan
             cand = req.state.candidates(req.tokens, req.mask_id)
             candidates.append(cand)
-            start = 0 if item.full_pass else req.n_cached
             branches = [req.tokens]
             if req.params.cfg_scale > 0:  # LLaDA's unconditional branch: the prompt masked out
                 uncond = req.tokens.clone()
                 uncond[: req.prompt_len] = req.mask_id
                 branches.append(uncond)
             for b, tokens in enumerate(branches):
-                n = req.num_tokens - start
-                ids.append(tokens[start:])
-                pos.append(torch.arange(start, req.num_tokens))
+                n = plan.end - plan.start
+                ids.append(tokens[plan.start : plan.end])
+                pos.append(torch.arange(plan.start, plan.end))
                 seq_lens.append(n)
-                starts.append(row)
-                uses_cache.append(not item.full_pass)
-                logit_rows.append(row + cand - shift - start)
-                if item.capture and b == 0:
-                    targets.append(CaptureTarget(req.request_id, row, req.policy_ctx, req.kv_plan, req.collect_stats))
+                uses_pages.append(plan.use_pages)
+                logit_rows.append(row + cand - shift - plan.start)
+                if b == 0 and (plan.capture or plan.rewrite):
+                    targets.append(
+                        CaptureTarget(
+                            req.request_id,
+                            row,
+                            req.policy_ctx,
+                            req.kv_plan,
+                            plan.capture and req.collect_stats,
+                            rewrite=plan.rewrite,
+                        )
+                    )
+                sequences.append(PlannedSequence(req.request_id, row, n, req.refresh_state if b == 0 else None))
                 row += n
 
-        meta = self._metadata(scheduled, seq_lens, uses_cache)
+        meta = self._metadata(scheduled, seq_lens, uses_pages)
         capture = PrefillCapture(self.policy, self.block_manager, targets) if targets else None
-        ctx = ForwardContext(attn=meta, backend=self.backend, kv_hook=capture)
+        hooks = StepContext(sequences, meta, capture, self.block_manager)
         input_ids = torch.cat(ids).to(self.device)
         positions = torch.cat(pos).to(self.device)
-        with set_forward_context(ctx):
+        with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
             hidden = self.model(input_ids, positions)
-        if capture is not None:
-            capture.finalize()
-            for t in targets:
+        hooks.finalize()
+        for t in targets:
+            if not t.rewrite:
                 self._request_by_id(scheduled, t.request_id).metrics.kv_tokens_kept = t.kept_tokens
         all_rows = torch.cat(logit_rows).to(self.device)
         logits = self.model.compute_logits(hidden[all_rows])
@@ -112,9 +119,9 @@ class ModelRunner:
             results.append(StepResult(positions=cand, logits=out))
         return results
 
-    def _metadata(self, scheduled, seq_lens: list[int], uses_cache: list[bool]) -> AttentionMetadata:
+    def _metadata(self, scheduled, seq_lens: list[int], uses_pages: list[bool]) -> AttentionMetadata:
         bm = self.block_manager
-        if bm is None or not any(uses_cache):
+        if bm is None or not any(uses_pages):
             return AttentionMetadata.build(seq_lens, self.device)
         tables, lens = [], []
         empty_table = torch.zeros(self.config.num_layers, self.config.num_kv_heads, 1, dtype=torch.long)
@@ -123,7 +130,7 @@ class ModelRunner:
         for item in scheduled:
             n_branches = 2 if item.request.params.cfg_scale > 0 else 1
             for _ in range(n_branches):
-                if uses_cache[seq]:
+                if uses_pages[seq]:
                     kv = bm.request_kv(item.request.request_id)
                     tables.append(kv.block_table())
                     lens.append(kv.lens)

@@ -37,6 +37,8 @@ class Request:
         seed: int,
         kv_budget: int,
         device: torch.device,
+        uses_cache: bool = True,
+        num_layers: int = 0,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -56,7 +58,10 @@ class Request:
         self.state = DenoiseState(params, self.prompt_len, dream=logits_shift)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.status = RequestStatus.WAITING
+        self.num_layers = num_layers
+        self.uses_cache = uses_cache  # False with kv_policy='none'
         self.kv_ready = False  # prompt KV written into pages (after the first full pass)
+        self.refresh_state = None  # set by the engine from the request's refresh strategy
         self.metrics = RequestMetrics(arrival_time=arrival_time)
 
     @property

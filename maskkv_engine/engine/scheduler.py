@@ -15,20 +15,26 @@ from dataclasses import dataclass, field
 from maskkv_engine.config import SchedulerConfig
 from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.engine.request import Request, RequestStatus
+from maskkv_engine.refresh.base import StepPlan
 
 
 @dataclass
 class ScheduledRequest:
     request: Request
-    full_pass: bool  # compute the whole sequence (first pass, or every pass without a cache)
-    capture: bool  # the KV policy writes this request's pages during the pass
+    plan: StepPlan  # what the request computes this step (its refresh strategy decides)
+
+    @property
+    def full_pass(self) -> bool:
+        return self.plan.full_pass
+
+    @property
+    def capture(self) -> bool:
+        return self.plan.capture
 
     @property
     def num_tokens(self) -> int:
         """Tokens this step computes (twice with classifier-free guidance)."""
-        r = self.request
-        n = r.num_tokens if self.full_pass else r.num_tokens - r.n_cached
-        return n * (2 if r.params.cfg_scale > 0 else 1)
+        return self.plan.num_tokens * (2 if self.request.params.cfg_scale > 0 else 1)
 
 
 @dataclass
@@ -74,8 +80,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         order = sorted(self.running, key=lambda r: (self._last_run.get(r.request_id, -1), r.metrics.arrival_time))
         for req in order:
-            full = not self.caches_kv or not req.kv_ready
-            item = ScheduledRequest(req, full_pass=full, capture=self.caches_kv and not req.kv_ready)
+            item = ScheduledRequest(req, req.refresh_state.plan_step())
             if out.scheduled and out.num_tokens + item.num_tokens > budget:
                 continue
             out.scheduled.append(item)

@@ -32,7 +32,7 @@ def measure_stats(model, cfg: DiffusionLMConfig, prompt_ids: list[int], gen_leng
     ctx = PolicyContext(cfg.num_layers, cfg.num_kv_heads, n_cached, len(prompt_ids), len(seq), budget=0)
     keep_nothing = BudgetPlan(per_head=torch.zeros(cfg.num_layers, cfg.num_kv_heads, dtype=torch.long))
     target = CaptureTarget("calibration", 0, ctx, plan=keep_nothing, collect_stats=True)
-    full_forward_logits(model, [seq], kv_hook=PrefillCapture(FullCachePolicy(), None, [target]))
+    full_forward_logits(model, [seq], hooks=PrefillCapture(FullCachePolicy(), None, [target]))
     return PrefillCapture.stats(target)
 
 

@@ -1,7 +1,6 @@
 """Runs a KV policy inside a request's first full pass and writes the kept prompt KV into pages.
 
-Installed as the forward context's ``kv_hook``: every attention layer hands it the post-RoPE q/k/v of
-the whole packed batch. For each request being captured it scores the cached-prompt keys with the
+The step context hands it every layer's post-RoPE q/k/v of the whole packed batch. For each request being captured it scores the cached-prompt keys with the
 policy's observation queries, picks the top-k per KV head and stores them, then lets the layer's full
 KV go. With budgets known before the pass (a profile, or an allocator that needs none) this happens
 layer by layer; otherwise (online statistics) every layer's prompt KV is held until ``finalize``.
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from maskkv_engine.attention.hooks import StepHooks
 from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.kv.base import BudgetPlan, KVPolicy, ModelStats, PolicyContext
 
@@ -28,6 +28,7 @@ class CaptureTarget:
     ctx: PolicyContext
     plan: BudgetPlan | None  # None: decided at finalize from the request's own statistics
     collect_stats: bool = False
+    rewrite: bool = False  # a refresh: rewrite the already kept tokens' K/V, choose nothing
     kept_tokens: int = 0
     # online buffers, per layer
     keys: list[torch.Tensor] = field(default_factory=list)
@@ -41,16 +42,27 @@ class CaptureTarget:
         return slice(self.row_start, self.row_start + self.ctx.n_total)
 
 
-class PrefillCapture:
+class PrefillCapture(StepHooks):
+    """Also usable on its own as the hooks of a plain full pass (calibration, tests)."""
+
     def __init__(self, policy: KVPolicy, block_manager: BlockManager | None, targets: list[CaptureTarget]):
         self.policy = policy
         self.block_manager = block_manager
         self.targets = targets
 
     # ---- hooks called by the model ---------------------------------------------------------------
+    def prepare_attention(self, layer, q, k, v, meta):
+        self.on_qkv(layer, q, k, v)
+        return q, k, v, meta
+
     def on_qkv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         held = 0
         for t in self.targets:
+            if t.rewrite:
+                if self.block_manager is not None:
+                    n = t.ctx.n_cached
+                    self.block_manager.rewrite(t.request_id, layer, k[t.rows][:n], v[t.rows][:n])
+                continue
             qs, ks, vs = q[t.rows], k[t.rows], v[t.rows]
             scores, preference = self._score(qs, ks, t)
             if t.collect_stats:
@@ -76,6 +88,8 @@ class PrefillCapture:
     def finalize(self) -> None:
         """Decide online plans, write their pages, drop every full-KV buffer, return unused reservations."""
         for t in self.targets:
+            if t.rewrite:
+                continue
             if t.plan is None:
                 plan = self.policy.plan(t.ctx, self.stats(t))
                 for layer in range(t.ctx.num_layers):
@@ -144,6 +158,7 @@ class PrefillCapture:
         width = max(int(lens.max()), 1)
         k_rows = kc.new_zeros(n_kv, width, d)
         v_rows = vc.new_zeros(n_kv, width, d)
+        positions = torch.zeros(n_kv, width, dtype=torch.long)
         for h in range(n_kv):
             keep = int(lens[h])
             if keep == 0:
@@ -152,9 +167,10 @@ class PrefillCapture:
                 idx = torch.arange(keep)
             else:
                 idx = torch.topk(scores[h], keep).indices.sort().values
+            positions[h, :keep] = idx
             idx = idx.to(kc.device)
             k_rows[h, :keep] = kc[idx, h]
             v_rows[h, :keep] = vc[idx, h]
         t.kept_tokens += int(lens.sum())
         if self.block_manager is not None:
-            self.block_manager.store(t.request_id, layer, k_rows, v_rows, lens)
+            self.block_manager.store(t.request_id, layer, k_rows, v_rows, lens, positions)

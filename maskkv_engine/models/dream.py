@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskkv_engine.attention.backend import attention, residual_hook
+from maskkv_engine.models.block import block_forward
 from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
 from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
@@ -80,17 +80,20 @@ class DreamDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor):
         a = self.self_attn
-        h = self.input_layernorm(x)
-        q = a.q_proj(h).view(-1, a.n_heads, a.head_dim)
-        k = a.k_proj(h).view(-1, a.n_kv, a.head_dim)
-        v = a.v_proj(h).view(-1, a.n_kv, a.head_dim)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        o = attention(self.layer_id, q, k, v)
-        x_attn = x + a.o_proj(o.reshape(x.shape[0], -1))
-        residual_hook(self.layer_id, x, x_attn)
-        h = self.post_attention_layernorm(x_attn)
+
+        def qkv(h: torch.Tensor):
+            q = a.q_proj(h).view(-1, a.n_heads, a.head_dim)
+            k = a.k_proj(h).view(-1, a.n_kv, a.head_dim)
+            v = a.v_proj(h).view(-1, a.n_kv, a.head_dim)
+            return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+
+        return block_forward(
+            self.layer_id, x, self.input_layernorm, qkv, a.o_proj, self.post_attention_layernorm, self.mlp_forward
+        )
+
+    def mlp_forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.mlp
-        return x_attn + m.down_proj(swiglu(m.gate_proj(h), m.up_proj(h)))
+        return m.down_proj(swiglu(m.gate_proj(h), m.up_proj(h)))
 
 
 class DreamBackbone(nn.Module):
