@@ -78,6 +78,14 @@ FIELDS = {
     )
     | json_values,
     "ignore_eos": st.booleans() | json_values,
+    "refresh": st.sampled_from(["every_step", "fast_dllm", "fast_dllm_dual", "dllm_cache", "elastic", "?"])
+    | json_values,
+    "refresh_config": st.dictionaries(
+        st.sampled_from(["K_p", "K_r", "rho", "gamma", "window", "track_num", "block_caching", "early_stop", "x"]),
+        st.integers(-2, 40) | st.floats(-1, 2) | st.booleans() | st.just("block") | json_values,
+        max_size=3,
+    )
+    | json_values,
     "stop": json_values,
     "logprobs": json_values,
     "echo": json_values,
@@ -101,6 +109,7 @@ valid_fields = st.fixed_dictionaries(
         "ignore_eos": st.booleans(),
         "top_p": st.floats(0.01, 1.0),
         "top_k": st.integers(1, 300),
+        "refresh": st.sampled_from(["every_step", "fast_dllm", "fast_dllm_dual", "dllm_cache", "elastic"]),
     },
 )
 

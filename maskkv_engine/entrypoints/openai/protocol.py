@@ -67,6 +67,8 @@ class DiffusionFields(OpenAIBaseModel):
     cfg_scale: float | None = None
     top_k: int | None = None
     alg_temp: float | None = None
+    refresh: str | None = None
+    refresh_config: dict[str, Any] | None = None
     ignore_eos: bool = False
 
     @model_validator(mode="after")
@@ -86,7 +88,9 @@ class DiffusionFields(OpenAIBaseModel):
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Map onto SamplingParams (max_tokens = gen_length); its own checks raise ValueError naming the field."""
         kw: dict[str, Any] = dict(gen_length=max_tokens, stop_at_eos=not self.ignore_eos)
-        for name in ("steps", "block_length", "remasking", "kv_budget", "threshold", "factor", "cfg_scale"):
+        diffusion = ("steps", "block_length", "remasking", "kv_budget", "threshold", "factor", "cfg_scale", "refresh",
+                     "refresh_config")  # fmt: skip
+        for name in diffusion:
             value = getattr(self, name)
             if value is not None:
                 kw[name] = value
