@@ -214,6 +214,13 @@ def test_bad_requests_get_openai_errors(http, body, status, param):
         assert err["param"].split(".")[0] == param, err
 
 
+def test_a_bad_prompt_in_a_batch_refuses_the_whole_batch(server, http):
+    r = http.post("/v1/completions", json={**GOOD, "prompt": [[5, 6], [5] * 5000, [7]], "max_tokens": 256})
+    assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"]
+    wait_idle(server)
+    assert pages(http)["maskkv_kv_pages_used"] == 0 and pages(http)["maskkv_kv_pages_reserved"] == 0
+
+
 def test_chat_errors(http):
     base = {"model": MODEL, "max_tokens": 4}
     for body in ({**base, "messages": []}, {**base, "messages": [{"role": "wizard", "content": "w1"}]},

@@ -68,7 +68,6 @@ class _Job:
 
     stream: RequestStream
     settled: SettledText
-    prompt_tokens: int = 0
 
 
 class OpenAIServing:
@@ -100,20 +99,25 @@ class OpenAIServing:
             raise OpenAIError(400, str(e)) from e
 
     async def _start(self, base_id: str, prompts: list, params: SamplingParams) -> list[_Job]:
-        """Hand every prompt to the engine; all or nothing, so a bad one is a 400 before any stream."""
+        """Hand every prompt to the engine at once; all or nothing, so a bad one is a 400 before any stream."""
         engine = self.engine.engine
-        jobs: list[_Job] = []
+        ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        adds = [asyncio.ensure_future(self.engine.add_request(rid, p, params)) for rid, p in zip(ids, prompts)]
         try:
-            for i, prompt in enumerate(prompts):
-                stream = await self.engine.add_request(f"{base_id}-{i}", prompt, params)
-                settled = SettledText(self.engine.tokenizer, engine.model_config.mask_token_id,
-                                      engine.stop_token_ids, params.stop_at_eos)  # fmt: skip
-                jobs.append(_Job(stream, settled))
-        except BaseException:
-            for job in jobs:
-                self.engine.abort(job.stream.request_id)
+            results = await asyncio.gather(*adds, return_exceptions=True)
+        except asyncio.CancelledError:
+            for rid in ids:
+                self.engine.abort(rid)
             raise
-        return jobs
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for rid in ids:
+                self.engine.abort(rid)
+            if isinstance(errors[0], (ValueError, TypeError)):  # the engine refused a prompt or the parameters
+                raise OpenAIError(400, str(errors[0])) from errors[0]
+            raise errors[0]
+        mask, stops = engine.model_config.mask_token_id, engine.stop_token_ids
+        return [_Job(s, SettledText(self.engine.tokenizer, mask, stops, params.stop_at_eos)) for s in results]
 
     async def _outputs(self, jobs: list[_Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every job's outputs, interleaved as they come; leaving early aborts what is unfinished."""
@@ -128,7 +132,6 @@ class OpenAIServing:
                     out = task.result()
                     if out is None:
                         continue
-                    jobs[i].prompt_tokens = len(out.prompt_token_ids)
                     yield i, out
                     if not out.finished:
                         pending[asyncio.ensure_future(anext(jobs[i].stream, None))] = i
@@ -163,7 +166,7 @@ class OpenAIServing:
             raise OpenAIError(400, str(e), param="prompt") from e
         params = self._sampling_params(request, request.gen_length)
         base_id = random_id("cmpl")
-        jobs = await self._start_or_400(base_id, prompts, params)
+        jobs = await self._start(base_id, prompts, params)
         if request.stream:
             return SSEStream(self._completion_stream(request, base_id, jobs), lambda: self.abort(jobs))
         finals = await self._collect(jobs)
@@ -210,7 +213,7 @@ class OpenAIServing:
         prompt = {"prompt_token_ids": ids, "prompt": None}
         params = self._sampling_params(request, request.gen_length(self.max_model_len - len(ids)))
         base_id = random_id("chatcmpl")
-        jobs = await self._start_or_400(base_id, [prompt], params)
+        jobs = await self._start(base_id, [prompt], params)
         if request.stream:
             return SSEStream(self._chat_stream(request, base_id, jobs), lambda: self.abort(jobs))
         finals = await self._collect(jobs)
@@ -262,12 +265,6 @@ class OpenAIServing:
         yield sse("[DONE]")
 
     # ---- helpers -----------------------------------------------------------------------------------
-    async def _start_or_400(self, base_id: str, prompts: list, params: SamplingParams) -> list[_Job]:
-        try:
-            return await self._start(base_id, prompts, params)
-        except (ValueError, TypeError) as e:
-            raise OpenAIError(400, str(e)) from e
-
     async def _collect(self, jobs: list[_Job]) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         async for i, out in self._outputs(jobs):
