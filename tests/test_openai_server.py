@@ -214,11 +214,20 @@ def test_bad_requests_get_openai_errors(http, body, status, param):
         assert err["param"].split(".")[0] == param, err
 
 
+def finished_requests(http) -> float:
+    return sum(
+        float(v) for v in re.findall(r"^maskkv_request_success_total\{[^}]*\} (\S+)$", http.get("/metrics").text, re.M)
+    )
+
+
 def test_a_bad_prompt_in_a_batch_refuses_the_whole_batch(server, http):
+    wait_idle(server)
+    before = finished_requests(http)
     r = http.post("/v1/completions", json={**GOOD, "prompt": [[5, 6], [5] * 5000, [7]], "max_tokens": 256})
     assert r.status_code == 400 and "max_model_len" in r.json()["error"]["message"]
     wait_idle(server)
     assert pages(http)["maskkv_kv_pages_used"] == 0 and pages(http)["maskkv_kv_pages_reserved"] == 0
+    assert finished_requests(http) == before  # the good prompts were aborted, not run
 
 
 def test_chat_errors(http):
@@ -266,7 +275,7 @@ def test_disconnect_mid_stream_frees_pages_and_spares_the_others(server, client,
     victim = client.completions.create(model=MODEL, prompt=prompts["a"], seed=ord("a"), stream=True,
                                        stream_options={"include_denoising": True}, **sp)  # fmt: skip
     first = next(iter(victim))
-    rid = next(r for r in server.engine._streams if r.startswith(first.id))
+    rid = next(r for r in list(server.engine._streams) if r.startswith(first.id))
     for _, _ in zip(range(3), victim):
         pass
     assert bm.request_pages(rid) > 0
@@ -301,17 +310,22 @@ def test_non_streaming_client_timeout_aborts(server):
 def test_full_queue_gets_503_with_retry_after(llada_dir):
     engine = AsyncLLMEngine.from_engine_args(str(llada_dir), kv_policy="full", max_num_seqs=1, max_queue_len=1)
     with ServerThread(build_app(engine, [MODEL])) as s, httpx.Client(base_url=s.url, timeout=60) as http:
-        long = {"model": MODEL, "prompt": "w1", "max_tokens": 1024, "steps": 1024, "stream": True}
+        long = {"model": MODEL, "prompt": "w1", "max_tokens": 1024, "steps": 1024, "stream": True,
+                "stream_options": {"include_denoising": True}}  # fmt: skip
+        replies: list[httpx.Response] = []
         with http.stream("POST", "/v1/completions", json=long) as running:
             assert running.status_code == 200
-            waiting = threading.Thread(target=http.post, args=("/v1/completions",), kwargs={"json": GOOD})
+            next(running.iter_lines())  # a denoising chunk: the long request runs, the batch (1) is full
+            waiting = threading.Thread(target=lambda: replies.append(http.post("/v1/completions", json=GOOD)))
             waiting.start()
+            deadline = time.monotonic() + 30
             while engine.num_waiting < 1:
+                assert time.monotonic() < deadline and waiting.is_alive(), replies
                 time.sleep(0.005)
             r = http.post("/v1/completions", json=GOOD)
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["code"] == "queue_full"
-        waiting.join(timeout=60)  # closing the long stream aborted it; the waiting one ran
-        assert not waiting.is_alive()
+        waiting.join(timeout=30)  # closing the long stream aborted it, so the waiting one ran
+        assert not waiting.is_alive() and replies[0].status_code == 200
         assert http.post("/v1/completions", json=GOOD).status_code == 200
         assert json.loads(http.get("/v1/models").text)["data"][0]["id"] == MODEL
