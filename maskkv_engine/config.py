@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -112,3 +113,20 @@ class EngineConfig:
             allowed = sorted(own_names | cache_names | sched_names)
             raise TypeError(f"unknown engine option(s) {unknown} (allowed: {allowed})")
         return cls(model=model, cache=CacheConfig(**cache_kw), scheduler=SchedulerConfig(**sched_kw), **kwargs)
+
+
+def build_component(cls: type, config: dict[str, Any] | None, option: str, name: str) -> Any:
+    """Instantiate a policy / strategy dataclass from a user's ``*_config`` dict: unknown keys and bad
+    values fail here, naming the option and the allowed keys."""
+    config = dict(config or {})
+    if dataclasses.is_dataclass(cls):
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{option}_config has unknown key(s) {unknown} for {option}={name!r} (allowed: {sorted(allowed)})"
+            )
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{option}_config for {option}={name!r}: {e}") from e

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
@@ -12,16 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from maskkv_engine import LLM, SamplingParams
-from maskkv_engine.kv.calibrate import calibrate
 from tests.conftest import prompt_ids
 
 
 @pytest.fixture(scope="module")
-def model_dir(llada_gqa_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sched_model")
-    shutil.copytree(llada_gqa_dir, path, dirs_exist_ok=True)
-    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False)
-    return path
+def model_dir(calibrated_llada):
+    return calibrated_llada
 
 
 def mixed_requests(n: int, seed: int, temperature: float):
