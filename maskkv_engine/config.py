@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -43,16 +44,25 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     """max_num_seqs: requests in one batch. max_num_batched_tokens: tokens computed in one step
-    (a full pass counts the whole sequence, a cached denoise step only its response)."""
+    (a full pass counts the whole sequence, a cached denoise step only its response).
+
+    enable_chunked_prefill: a first pass that does not fit the step's token budget runs a group of
+    layers per step (all its tokens through those layers), so running requests keep denoising while a
+    long prompt is prefilled. Bidirectional attention needs every token's K/V at a layer before any
+    query of the next layer, so layers, not query chunks, are the unit a bidirectional prefill splits by.
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 16384
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"SchedulerConfig.enable_chunked_prefill={self.enable_chunked_prefill!r} must be a bool")
 
 
 @dataclass
@@ -112,3 +122,20 @@ class EngineConfig:
             allowed = sorted(own_names | cache_names | sched_names)
             raise TypeError(f"unknown engine option(s) {unknown} (allowed: {allowed})")
         return cls(model=model, cache=CacheConfig(**cache_kw), scheduler=SchedulerConfig(**sched_kw), **kwargs)
+
+
+def build_component(cls: type, config: dict[str, Any] | None, option: str, name: str) -> Any:
+    """Instantiate a policy / strategy dataclass from a user's ``*_config`` dict: unknown keys and bad
+    values fail here, naming the option and the allowed keys."""
+    config = dict(config or {})
+    if dataclasses.is_dataclass(cls):
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{option}_config has unknown key(s) {unknown} for {option}={name!r} (allowed: {sorted(allowed)})"
+            )
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{option}_config for {option}={name!r}: {e}") from e

@@ -44,6 +44,19 @@ def dream_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def calibrated_llada(llada_gqa_dir, tmp_path_factory):
+    """The GQA LLaDA with a calibration profile next to it: MaskKV evicts layer by layer."""
+    import shutil
+
+    from maskkv_engine.kv.calibrate import calibrate
+
+    path = tmp_path_factory.mktemp("calibrated")
+    shutil.copytree(llada_gqa_dir, path, dirs_exist_ok=True)
+    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False)
+    return path
+
+
 def prompt_ids(n: int, seed: int = 0, low: int = 3, high: int = 200) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, high, (n,), generator=g).tolist()

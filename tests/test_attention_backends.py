@@ -156,6 +156,67 @@ def test_batch_without_any_cache(name, tiles):
     assert err < TOLERANCE[torch.float32]
 
 
+class SubsetCase(Case):
+    """Refresh-strategy layout: each sequence queries a subset of its rows, and its dense keys are all of
+    its rows plus extra cached rows that are not queries (separate q / kv layouts)."""
+
+    def __init__(self, seq_lens, n_q, n_kv, d, page_size, kept, dtype, seed=0):
+        super().__init__(seq_lens, n_q, n_kv, d, page_size, kept, dtype, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        self.extra = [int(torch.randint(0, 9, (1,), generator=g)) for _ in seq_lens]
+        self.query_rows, keys_k, keys_v, q_lens, kv_lens = [], [], [], [], []
+        start = 0
+        for n, extra in zip(seq_lens, self.extra):
+            chosen = torch.randperm(n, generator=g)[: max(1, n // 2)].sort().values + start
+            self.query_rows.append(chosen)
+            keys_k += [self.k[start : start + n], torch.randn(extra, n_kv, d, generator=g).to(dtype)]
+            keys_v += [self.v[start : start + n], torch.randn(extra, n_kv, d, generator=g).to(dtype)]
+            q_lens.append(int(chosen.numel()))
+            kv_lens.append(n + extra)
+            start += n
+        self.q_sub = self.q[torch.cat(self.query_rows)]
+        self.keys_k, self.keys_v = torch.cat(keys_k), torch.cat(keys_v)
+        m = self.meta
+        self.meta = AttentionMetadata.build(
+            q_lens, DEVICE, kv_lens=kv_lens, block_tables=None if m.block_tables is None else m.block_tables.cpu(),
+            cached_lens=None if m.cached_lens is None else m.cached_lens.cpu(), k_pool=m.k_pool, v_pool=m.v_pool,
+        )  # fmt: skip
+
+    def run(self, backend):
+        return backend.forward(
+            LAYER, self.q_sub.to(DEVICE), self.keys_k.to(DEVICE), self.keys_v.to(DEVICE), self.meta
+        ).cpu()
+
+    def reference(self):
+        out = torch.empty(self.q_sub.shape, dtype=torch.float64)
+        group = self.n_q // self.n_kv
+        row = key0 = 0
+        for s, (rows, n, extra) in enumerate(zip(self.query_rows, self.seq_lens, self.extra)):
+            dense_k = self.keys_k[key0 : key0 + n + extra]
+            dense_v = self.keys_v[key0 : key0 + n + extra]
+            for hq in range(self.n_q):
+                h = hq // group
+                empty = self.k.new_zeros(0, self.d)
+                keys = torch.cat([self.kept_k.get((s, h), empty), dense_k[:, h]]).double()
+                values = torch.cat([self.kept_v.get((s, h), empty), dense_v[:, h]]).double()
+                probs = torch.softmax(self.q[rows, hq].double() @ keys.T / math.sqrt(self.d), dim=-1)
+                out[row : row + rows.numel(), hq] = probs @ values
+            row += rows.numel()
+            key0 += n + extra
+        return out
+
+
+@pytest.mark.parametrize("name,tiles", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: f"q{s[0]}kv{s[1]}d{s[2]}page{s[3]}")
+def test_queries_subset_of_dense_keys(name, tiles, shape):
+    n_q, n_kv, d, page_size = shape
+    backend = backend_or_skip(name, **tiles)
+    case = SubsetCase(SEQ_LENS, n_q, n_kv, d, page_size, random_kept(SEQ_LENS, n_kv, page_size, seed=2), torch.float32)
+    assert not case.meta.same_layout
+    err = (case.run(backend).double() - case.reference()).abs().max().item()
+    assert err < TOLERANCE[torch.float32], f"{name} max error {err:.3g}"
+
+
 def test_the_reference_sees_the_pages():
     """Guard for the tests above: dropping the kept rows must change the reference output."""
     case = Case(SEQ_LENS, 4, 2, 16, 4, random_kept(SEQ_LENS, 2, 4, seed=0), torch.float32)
@@ -243,5 +304,24 @@ def test_triton_engine_generates_what_torch_generates(fixture, policy, request):
     outputs = {}
     for name in ("torch", "triton"):
         llm = LLM(path, kv_policy=policy, attention_backend=name, dtype="float32", device=str(DEVICE))
+        outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["triton"] == outputs["torch"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("refresh", ["fast_dllm_dual", "dllm_cache", "elastic"])
+def test_triton_runs_the_refresh_strategies(llada_gqa_dir, refresh):
+    """Query subsets and cached response keys (separate q / kv layouts) through the kernel."""
+    from maskkv_engine import LLM, SamplingParams
+    from tests.conftest import prompt_ids
+
+    prompts = [{"prompt_token_ids": prompt_ids(n, seed=n)} for n in (9, 50)]
+    params = SamplingParams(gen_length=16, steps=16, block_length=8, kv_budget=8, stop_at_eos=False)
+    config = {"K_p": 5, "K_r": 3} if refresh == "dllm_cache" else {}
+    outputs = {}
+    for name in ("torch", "triton"):
+        llm = LLM(
+            str(llada_gqa_dir), kv_policy="maskkv", attention_backend=name, refresh=refresh, refresh_config=config
+        )
         outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outputs["triton"] == outputs["torch"]

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from maskkv_engine import LLM, SamplingParams
 from maskkv_engine.kv.base import ModelStats, PolicyContext
-from maskkv_engine.kv.calibrate import calibrate
 from maskkv_engine.kv.maskkv import MaskKVPolicy
 from maskkv_engine.kv.profile import PROFILE_FILE
 from maskkv_engine.kv.registry import get_policy
@@ -88,14 +87,6 @@ def test_maskkv_layer_and_head_budgets_follow_the_paper():
     clamped = pol.plan(short, ModelStats(imp, pref)).per_head
     assert int(clamped.sum()) == 80 and int(clamped.max()) == 12
     assert (clamped[1:3] >= torch.floor(wish[1:3]).long()).all()
-
-
-@pytest.fixture(scope="module")
-def calibrated_llada(llada_gqa_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("calibrated")
-    shutil.copytree(llada_gqa_dir, path, dirs_exist_ok=True)
-    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False)
-    return path
 
 
 @pytest.mark.parametrize("policy", PRUNING)

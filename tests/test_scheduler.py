@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 import torch
@@ -12,16 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from maskkv_engine import LLM, SamplingParams
-from maskkv_engine.kv.calibrate import calibrate
 from tests.conftest import prompt_ids
 
 
 @pytest.fixture(scope="module")
-def model_dir(llada_gqa_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sched_model")
-    shutil.copytree(llada_gqa_dir, path, dirs_exist_ok=True)
-    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False)
-    return path
+def model_dir(calibrated_llada):
+    return calibrated_llada
 
 
 def mixed_requests(n: int, seed: int, temperature: float):
@@ -241,3 +236,61 @@ def test_per_request_seed_is_independent_of_arrival_order(model_dir):
     b = [o.outputs[0].token_ids for o in llm.generate(prompts[::-1], sps[::-1], use_tqdm=False)][::-1]
     assert a == b
     assert torch.tensor([len(x) for x in a]).min() >= 0
+
+
+def test_long_first_pass_runs_in_layer_chunks_while_others_keep_denoising(model_dir):
+    """A prompt over the token budget is prefilled a few layers per step; the running request keeps
+    denoising every step, and the long request's tokens and pages equal an unsplit run."""
+    sp = SamplingParams(gen_length=8, steps=8, stop_at_eos=False)
+    long_prompt = {"prompt_token_ids": prompt_ids(300, seed=9)}
+    short_prompt = {"prompt_token_ids": prompt_ids(20, seed=8)}
+    whole = LLM(str(model_dir), kv_policy="maskkv", kv_budget=16)
+    expected = whole.generate(long_prompt, sp, use_tqdm=False)[0]
+
+    llm = LLM(str(model_dir), kv_policy="maskkv", kv_budget=16, max_num_batched_tokens=150)
+    eng = llm.llm_engine
+    chunks = []
+    run_layers = eng.model.run_layers
+    eng.model.run_layers = lambda x, pos, start=0, end=None: (
+        chunks.append((start, end)),
+        run_layers(x, pos, start, end),
+    )[1]
+    eng.add_request("short", short_prompt, sp)
+    eng.step()  # the short request's first pass
+    short_steps = eng._requests["short"].metrics.num_steps
+    eng.add_request("long", long_prompt, sp)
+    done = {}
+    while "long" not in done:
+        before = eng._requests["short"].metrics.num_steps if "short" in eng._requests else None
+        outs = eng.step()
+        done.update({o.request_id: o for o in outs if o.finished})
+        if before is not None and "short" not in done and eng._requests.get("long") and eng._requests["long"].prefill:
+            assert eng._requests["short"].metrics.num_steps == before + 1, "the short request must not stall"
+    layer_chunks = [c for c in chunks if c != (0, None)]
+    assert len(layer_chunks) > 1 and layer_chunks[0][0] == 0 and layer_chunks[-1][1] == 3
+    assert done["long"].outputs[0].token_ids == expected.outputs[0].token_ids
+    assert done["long"].metrics.kv_tokens_kept == expected.metrics.kv_tokens_kept
+    assert short_steps == 1
+    eng.run_to_completion()
+    assert eng.block_manager.num_used_pages == 0
+
+
+def test_abort_between_layer_chunks_frees_everything(model_dir):
+    eng = LLM(str(model_dir), kv_policy="maskkv", kv_budget=16, max_num_batched_tokens=100).llm_engine
+    eng.add_request("long", {"prompt_token_ids": prompt_ids(300, seed=2)}, SamplingParams(gen_length=8, steps=8))
+    eng.step()
+    req = eng._requests["long"]
+    assert req.prefill is not None and eng.block_manager.num_used_pages > 0
+    assert eng.abort_request("long")
+    assert eng.block_manager.num_used_pages == 0 and eng.block_manager.num_reserved_pages == 0
+    assert eng.block_manager.transient_bytes == 0 and not eng.has_unfinished_requests()
+    eng.block_manager.check_invariants()
+
+
+def test_chunked_prefill_can_be_turned_off(model_dir):
+    eng = LLM(
+        str(model_dir), kv_policy="maskkv", kv_budget=16, max_num_batched_tokens=100, enable_chunked_prefill=False
+    ).llm_engine
+    eng.add_request("long", {"prompt_token_ids": prompt_ids(300, seed=2)}, SamplingParams(gen_length=8, steps=8))
+    eng.step()
+    assert eng._requests["long"].kv_ready and eng._requests["long"].prefill is None  # ran whole, alone

@@ -1,10 +1,11 @@
 """The ``triton`` backend: one paged varlen kernel with online softmax, the GPU fast path.
 
 One program per (query block, sequence, kv head). Its query rows are the G = H_q / H_kv query heads
-of that kv head times the sequence's tokens (row r = token r // G, query head r % G), so a kv head's
+of that kv head times the sequence's queries (row r = query r // G, query head r % G), so a kv head's
 K/V is read once per query block rather than once per query head. The program walks the head's pages
-(this layer's block table, ``cached_lens`` tokens, possibly 0), then the sequence's own K/V of this
-step, with no causal mask, in a float32 online softmax. Key tiles are ``BLOCK_N`` tokens wide whatever
+(this layer's block table, ``cached_lens`` tokens, possibly 0), then the sequence's dense keys
+(``cu_seqlens_k``: its fresh K/V of this step, plus cached response K/V for refresh strategies), with
+no causal mask, in a float32 online softmax. Key tiles are ``BLOCK_N`` tokens wide whatever
 the page size: a tile may span several pages or part of one, so small pages still feed full MMAs.
 
 Tile sizes depend on head_dim only, never on the batch: a sequence's output does not depend on the
@@ -59,15 +60,16 @@ def _attend_tile(acc, m_i, l_i, q, k, v, key_valid, scale_log2, UPCAST: tl.const
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr,  # [T, H_q, D]
-    k_ptr,  # [T, H_kv, D] this step's K, packed like q
+    q_ptr,  # [Tq, H_q, D]
+    k_ptr,  # [Tk, H_kv, D] the sequences' dense keys (their fresh K, plus any cached response K)
     v_ptr,
-    o_ptr,  # [T, H_q, D]
+    o_ptr,  # [Tq, H_q, D]
     k_pool_ptr,  # [num_pages, PAGE_SIZE, D]
     v_pool_ptr,
     tables_ptr,  # [S, H_kv, P] page ids of this layer
     cached_lens_ptr,  # [S, H_kv] tokens held in those pages
-    cu_seqlens_ptr,  # [S + 1]
+    cu_seqlens_ptr,  # [S + 1] queries
+    cu_seqlens_k_ptr,  # [S + 1] dense keys
     scale_log2,
     stride_qt,
     stride_qh,
@@ -132,10 +134,12 @@ def _paged_attention_kernel(
             v = tl.load(v_pool_ptr + pool_off, mask=kv_mask, other=0.0)
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k, v, key_valid, scale_log2, UPCAST, PRECISION)
 
-    for start in range(0, seq_len, BLOCK_N):  # the sequence's own K/V of this step
+    kv0 = tl.load(cu_seqlens_k_ptr + seq)
+    kv_len = tl.load(cu_seqlens_k_ptr + seq + 1) - kv0
+    for start in range(0, kv_len, BLOCK_N):  # the sequence's dense keys
         n = start + offs_n
-        key_valid = n < seq_len
-        kv_rows = (tok0 + n).to(tl.int64)
+        key_valid = n < kv_len
+        kv_rows = (kv0 + n).to(tl.int64)
         kv_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
@@ -224,6 +228,7 @@ class TritonAttentionBackend(AttentionBackend):
             tables,
             lens,
             meta.cu_seqlens,
+            meta.cu_seqlens_k,
             math.log2(math.e) / math.sqrt(d),
             q.stride(0),
             q.stride(1),

@@ -46,8 +46,10 @@ def gather_varlen(
     n_q, d = q.shape[1], q.shape[2]
     n_kv = k.shape[1]
     group = n_q // n_kv
-    seq_lens = meta.seq_lens.repeat_interleave(n_kv)  # per block, block b = seq * H_kv + head
+    seq_lens = meta.seq_lens.repeat_interleave(n_kv)  # queries per block, block b = seq * H_kv + head
     starts = meta.cu_seqlens[:-1].repeat_interleave(n_kv)
+    kv_lens = meta.kv.lens.repeat_interleave(n_kv)  # dense keys per block
+    kv_starts = meta.cu_seqlens_k[:-1].repeat_interleave(n_kv)
     heads = torch.arange(n_kv, device=q.device).repeat(meta.num_seqs)
     if meta.block_tables is None:
         cached = torch.zeros_like(seq_lens)
@@ -59,9 +61,9 @@ def gather_varlen(
     q_token = starts[qb] + qi // group
     q_head = heads[qb] * group + qi % group
 
-    kb, ki = _local_index(cached + seq_lens)
+    kb, ki = _local_index(cached + kv_lens)
     from_pages = ki < cached[kb]
-    dense_token = starts[kb] + ki - cached[kb]
+    dense_token = kv_starts[kb] + ki - cached[kb]
     k_rows = torch.empty(ki.numel(), d, dtype=k.dtype, device=k.device)
     v_rows = torch.empty_like(k_rows)
     dense = ~from_pages
@@ -80,7 +82,7 @@ def gather_varlen(
         k=k_rows,
         v=v_rows,
         q_seqlens=(seq_lens * group).tolist(),
-        kv_seqlens=(cached + seq_lens).tolist(),
+        kv_seqlens=(cached + kv_lens).tolist(),
         q_token=q_token,
         q_head=q_head,
     )

@@ -56,7 +56,9 @@ class LLMEngine:
         self.block_manager = self._make_block_manager() if self.policy.caches else None
         profile = load_profile(config.model, self.model_config, config.kv_policy_config.get("profile_path"))
         self.planner = KVPlanner(self.policy, self.model_config, config.cache.block_size, profile)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.policy.caches, self._pages_needed)
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_manager, self.policy.caches, self._pages_needed, self.model_config.num_layers
+        )
         self.runner = ModelRunner(
             self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device
         )
@@ -290,11 +292,13 @@ class LLMEngine:
         for item, res in zip(out.scheduled, results):
             req = item.request
             m = req.metrics
+            if res is None:  # a layer chunk of a long first pass: nothing to commit yet
+                continue
             m.num_steps += 1
             if item.full_pass:
                 m.num_full_passes += 1
-                if m.prefill_time is None:
-                    m.prefill_time = done - now
+                if m.prefill_time is None:  # from its first chunk when the pass was split
+                    m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
             if item.capture:
                 req.kv_ready = True
             if self.block_manager is not None:

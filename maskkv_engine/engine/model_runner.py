@@ -30,6 +30,16 @@ class StepResult:
     logits: torch.Tensor  # [C, V]
 
 
+@dataclass
+class PrefillProgress:
+    """A first pass split over steps by layers: the hidden states between two chunks, the next layer,
+    and the capture that keeps choosing and writing pages layer by layer."""
+
+    hidden: torch.Tensor
+    next_layer: int
+    capture: PrefillCapture
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -48,7 +58,43 @@ class ModelRunner:
         self.device = device
 
     @torch.no_grad()
-    def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
+    def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult | None]:
+        """One result per scheduled request; None for a layer chunk that is not the last of its pass."""
+        whole = [s for s in scheduled if s.layers is None]
+        results = dict(zip(map(id, whole), self._execute_batch(whole))) if whole else {}
+        for item in scheduled:
+            if item.layers is not None:
+                results[id(item)] = self._prefill_chunk(item)
+        return [results[id(item)] for item in scheduled]
+
+    def _prefill_chunk(self, item: ScheduledRequest) -> StepResult | None:
+        """Run layers [start, end) of a request's first pass; logits once the last layer has run."""
+        req = item.request
+        start, end = item.layers
+        n = req.num_tokens
+        meta = AttentionMetadata.build([n], self.device)
+        positions = torch.arange(n, device=self.device)
+        if req.prefill is None:
+            target = CaptureTarget(req.request_id, 0, req.policy_ctx, req.kv_plan, req.collect_stats)
+            capture = PrefillCapture(self.policy, self.block_manager, [target])
+            req.prefill = PrefillProgress(self.model.embed(req.tokens.to(self.device)), 0, capture)
+        progress = req.prefill
+        assert progress.next_layer == start, "layer chunks run in order"
+        hooks = StepContext([PlannedSequence(req.request_id, 0, n, None)], meta, progress.capture, self.block_manager)
+        with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
+            progress.hidden = self.model.run_layers(progress.hidden, positions, start, end)
+        progress.next_layer = end
+        if end < self.config.num_layers:
+            return None
+        hooks.finalize()
+        req.prefill = None
+        req.metrics.kv_tokens_kept = progress.capture.targets[0].kept_tokens
+        shift = 1 if self.config.logits_shift else 0
+        cand = req.state.candidates(req.tokens, req.mask_id)
+        logits = self.model.compute_logits(progress.hidden[(cand - shift).to(self.device)])
+        return StepResult(positions=cand, logits=logits)
+
+    def _execute_batch(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
         shift = 1 if self.config.logits_shift else 0
         ids, pos, seq_lens, uses_pages = [], [], [], []
         sequences: list[PlannedSequence] = []

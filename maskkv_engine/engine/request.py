@@ -62,6 +62,7 @@ class Request:
         self.uses_cache = uses_cache  # False with kv_policy='none'
         self.kv_ready = False  # prompt KV written into pages (after the first full pass)
         self.refresh_state = None  # set by the engine from the request's refresh strategy
+        self.prefill = None  # a first pass split over steps by layers: its progress (model_runner.PrefillProgress)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
 
     @property

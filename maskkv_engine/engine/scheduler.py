@@ -22,6 +22,8 @@ from maskkv_engine.refresh.base import StepPlan
 class ScheduledRequest:
     request: Request
     plan: StepPlan  # what the request computes this step (its refresh strategy decides)
+    layers: tuple[int, int] | None = None  # a chunk of a long first pass: layers [start, end) only
+    num_layers: int = 1
 
     @property
     def full_pass(self) -> bool:
@@ -33,8 +35,12 @@ class ScheduledRequest:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this step computes (twice with classifier-free guidance)."""
-        return self.plan.num_tokens * (2 if self.request.params.cfg_scale > 0 else 1)
+        """Tokens this step computes (twice with classifier-free guidance); a layer chunk counts its
+        share of the layers."""
+        n = self.plan.num_tokens * (2 if self.request.params.cfg_scale > 0 else 1)
+        if self.layers is None:
+            return n
+        return -(-n * (self.layers[1] - self.layers[0]) // self.num_layers)
 
 
 @dataclass
@@ -57,8 +63,10 @@ class Scheduler:
         block_manager: BlockManager | None,
         caches_kv: bool,
         pages_needed: Callable[[Request], int],
+        num_layers: int = 1,
     ):
         self.config = config
+        self.num_layers = num_layers
         self.block_manager = block_manager
         self.caches_kv = caches_kv
         self.pages_needed = pages_needed
@@ -80,12 +88,35 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         order = sorted(self.running, key=lambda r: (self._last_run.get(r.request_id, -1), r.metrics.arrival_time))
         for req in order:
-            item = ScheduledRequest(req, req.refresh_state.plan_step())
-            if out.scheduled and out.num_tokens + item.num_tokens > budget:
+            item = ScheduledRequest(req, req.refresh_state.plan_step(), num_layers=self.num_layers)
+            left = budget - out.num_tokens
+            if req.prefill is not None or (self._chunkable(item) and item.num_tokens > left):
+                layers = self._layer_chunk(item, left, first=not out.scheduled)
+                if layers is None:
+                    continue
+                item.layers = None if layers == (0, self.num_layers) else layers
+            elif out.scheduled and item.num_tokens > left:
                 continue
             out.scheduled.append(item)
             self._last_run[req.request_id] = self._step
         return out
+
+    def _chunkable(self, item: ScheduledRequest) -> bool:
+        """Only a cached policy's first pass is split: its pages fill layer by layer anyway."""
+        return self.config.enable_chunked_prefill and item.plan.capture and item.request.params.cfg_scale == 0
+
+    def _layer_chunk(self, item: ScheduledRequest, left: int, first: bool) -> tuple[int, int] | None:
+        """The next layers of a (long) first pass that fit ``left`` tokens; at least one layer when the
+        batch is still empty, so a prompt longer than the whole budget still advances."""
+        req = item.request
+        start = req.prefill.next_layer if req.prefill is not None else 0
+        per_layer = item.plan.num_tokens / self.num_layers
+        count = int(left // per_layer) if per_layer > 0 else self.num_layers
+        if count < 1:
+            if not first:
+                return None
+            count = 1
+        return start, min(self.num_layers, start + count)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -108,6 +139,9 @@ class Scheduler:
         self._last_run.pop(request.request_id, None)
         if self.block_manager is not None:
             self.block_manager.free(request.request_id)
+            if request.prefill is not None:  # aborted between two layer chunks: its full-layer KV is gone
+                self.block_manager.set_transient_bytes(0)
+        request.prefill = None
 
     def find(self, request_id: str) -> Request | None:
         for r in self.running:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from importlib.metadata import entry_points
 from typing import Any
 
+from maskkv_engine.config import build_component
 from maskkv_engine.kv.adakv import AdaKVPolicy
 from maskkv_engine.kv.base import KVPolicy
 from maskkv_engine.kv.full import FullCachePolicy
@@ -51,15 +51,4 @@ def get_policy(name: str, config: dict[str, Any] | None = None) -> KVPolicy:
         cls = cls.load()
         if not (isinstance(cls, type) and issubclass(cls, KVPolicy)):
             raise ValueError(f"entry point {name!r} in {ENTRY_POINT_GROUP} does not name a KVPolicy subclass")
-    config = dict(config or {})
-    if dataclasses.is_dataclass(cls):
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - allowed)
-        if unknown:
-            raise ValueError(
-                f"kv_policy_config has unknown key(s) {unknown} for kv_policy={name!r} (allowed: {sorted(allowed)})"
-            )
-    try:
-        return cls(**config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"kv_policy_config for kv_policy={name!r}: {e}") from e
+    return build_component(cls, config, "kv_policy", name)

@@ -116,9 +116,17 @@ class DreamModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, in_float32=cfg.rope_in_float32)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        return self.run_layers(self.embed(input_ids), positions)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Layers [start, end) over hidden states x (a long prefill may run a few layers per step)."""
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.model.layers:
+        for layer in list(self.model.layers)[start:end]:
             x = layer(x, self.rotary, cos, sin)
         return x
 

@@ -119,10 +119,17 @@ class LLaDAModelLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, d] (before ln_f)."""
-        t = self.model.transformer
-        x = t["wte"](input_ids)
+        return self.run_layers(self.embed(input_ids), positions)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.transformer["wte"](input_ids)
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Layers [start, end) over hidden states x (a long prefill may run a few layers per step)."""
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for block in t["blocks"]:
+        for block in list(self.model.transformer["blocks"])[start:end]:
             x = block(x, self.rotary, cos, sin)
         return x
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from maskkv_engine.config import build_component
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.dllm_cache import DLLMCache
 from maskkv_engine.refresh.elastic import ElasticCache
@@ -23,15 +23,4 @@ REFRESH_STRATEGIES: dict[str, type[RefreshStrategy]] = {
 def get_refresh(name: str, config: dict[str, Any] | None = None) -> RefreshStrategy:
     if name not in REFRESH_STRATEGIES:
         raise ValueError(f"refresh={name!r} is not known (allowed: {sorted(REFRESH_STRATEGIES)})")
-    cls = REFRESH_STRATEGIES[name]
-    config = dict(config or {})
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(
-            f"refresh_config has unknown key(s) {unknown} for refresh={name!r} (allowed: {sorted(allowed)})"
-        )
-    try:
-        return cls(**config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"refresh_config for refresh={name!r}: {e}") from e
+    return build_component(REFRESH_STRATEGIES[name], config, "refresh", name)
