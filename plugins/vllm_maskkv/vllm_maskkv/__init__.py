@@ -21,8 +21,11 @@ ARCHITECTURES = {
 
 def register() -> None:
     """Register the config classes with transformers and the architectures with vLLM (idempotent)."""
+    import os
+
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.logger import init_logger
 
     from vllm_maskkv.configs import DreamConfig, LLaDAConfig
     from vllm_maskkv.diffusion.config_hook import register_config_hook
@@ -34,3 +37,5 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, target)  # lazy "module:Class": nothing heavy imported here
     register_config_hook()
+    # One line per vLLM process: shows where the plugin is live (the multiprocess test reads it).
+    init_logger(f"vllm.{__name__}").info("maskkv plugin registered %s (pid %d)", ", ".join(ARCHITECTURES), os.getpid())

@@ -21,7 +21,7 @@ from vllm_maskkv.diffusion import ARCHITECTURE
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": shown by vLLM's log handlers
 
 
 def enforce_bidirectional_prompt_rules(vllm_config: VllmConfig) -> None:
