@@ -11,8 +11,7 @@ from typing import Any
 
 from transformers import LlamaConfig, Qwen2Config
 
-LLADA_MASK_ID = 126336
-DREAM_MASK_ID = 151666
+LLADA_MASK_ID = 126336  # when config.json names none
 
 # LLaDA options the vLLM Llama layers do not compute; refused rather than silently computing something else.
 _LLADA_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -54,7 +53,6 @@ def _llada_to_llama(kw: dict[str, Any]) -> dict[str, Any]:
                 out[key] = value
     out.setdefault("hidden_act", "silu")
     out.setdefault("rms_norm_eps", 1e-5)
-    out.setdefault("mask_token_id", LLADA_MASK_ID)
     out.setdefault("is_causal", False)
     return out
 
@@ -76,6 +74,5 @@ class DreamConfig(Qwen2Config):
     def __init__(self, **kwargs: Any):
         if kwargs.get("use_sliding_window"):
             raise ValueError("Dream config.json: use_sliding_window=true is not supported (allowed: false)")
-        kwargs.setdefault("mask_token_id", DREAM_MASK_ID)
         kwargs.setdefault("is_causal", False)
         super().__init__(**kwargs)
