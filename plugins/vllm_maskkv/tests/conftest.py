@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from maskkv_engine.models.random_checkpoint import dream_config, llada_config, write_checkpoint  # noqa: E402
 
@@ -33,12 +34,29 @@ def pytest_report_header(config: pytest.Config) -> str:
     return "vllm_maskkv: tests/level2 (Triton-interpreter shim) runs in its own process: pytest tests/level2"
 
 
+def write_test_checkpoint(path: Path, config: dict, seed: int, shards: int = 1, attention_scale: float = 3.0) -> Path:
+    """A random checkpoint in the released layout, with q/k projections scaled up.
+
+    Random weights give near-uniform attention, and then every [MASK] position predicts the same token
+    whatever the context: decoding tests would compare constant outputs. Sharper attention makes the
+    canvas depend on its context, so that a wrong KV shows up in the tokens.
+    """
+    write_checkpoint(path, config, seed=seed, shards=shards)
+    for f in sorted(path.glob("*.safetensors")):
+        weights = load_file(str(f))
+        for name in weights:
+            if any(k in name for k in ("q_proj.", "k_proj.")):
+                weights[name] = weights[name] * attention_scale
+        save_file(weights, str(f), metadata={"format": "pt"})
+    return path
+
+
 @pytest.fixture(scope="session")
 def llada_dir(tmp_path_factory) -> Path:
     """LLaDA with GQA (4 query heads over 2 KV heads, head_dim 32), two shards with an index json."""
     path = tmp_path_factory.mktemp("llada")
     cfg = llada_config(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=256, vocab_size=256)
-    return write_checkpoint(path, cfg, seed=1, shards=2)
+    return write_test_checkpoint(path, cfg, seed=1, shards=2)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +64,7 @@ def llada_tied_dir(tmp_path_factory) -> Path:
     """LLaDA with weight_tying (no top-level ff_out: the LM head is the embedding)."""
     path = tmp_path_factory.mktemp("llada_tied")
     cfg = llada_config(d_model=64, n_layers=2, n_heads=2, vocab_size=256, weight_tying=True)
-    return write_checkpoint(path, cfg, seed=4)
+    return write_test_checkpoint(path, cfg, seed=4)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +74,7 @@ def dream_dir(tmp_path_factory) -> Path:
     cfg = dream_config(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=256
     )
-    return write_checkpoint(path, cfg, seed=3)
+    return write_test_checkpoint(path, cfg, seed=3)
 
 
 def prompt_ids(n: int, seed: int = 0, low: int = 3, high: int = 200) -> list[int]:

@@ -42,7 +42,7 @@ def enforce_bidirectional_prompt_rules(vllm_config: VllmConfig) -> None:
         )
 
 
-def _require_diffusion_config(vllm_config: VllmConfig) -> None:
+def require_diffusion_config(vllm_config: VllmConfig) -> None:
     """The canvas is LLaDA's block: the user chooses it, there is no default worth guessing."""
     diffusion = vllm_config.diffusion_config
     if diffusion is None:
@@ -63,7 +63,7 @@ def register_config_hook() -> None:
     class LLaDADiffusionConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config: VllmConfig) -> None:
-            _require_diffusion_config(vllm_config)
+            require_diffusion_config(vllm_config)
             enforce_bidirectional_prompt_rules(vllm_config)
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LLaDADiffusionConfig)

@@ -69,6 +69,7 @@ class LLaDABlockSampler:
         self.step = np.zeros(max_num_reqs, dtype=np.int64)  # denoising steps taken in the current block
         self.committing = np.zeros(max_num_reqs, dtype=bool)
         self.schedule: list[list[int]] = [[] for _ in range(max_num_reqs)]
+        self.num_recomputed_canvases = 0  # canvases the token budget cut short, computed again (a statistic)
 
     # ---- per request -----------------------------------------------------------------------------
     def add_request(self, slot: int, sampling_params: Any) -> None:
@@ -77,7 +78,10 @@ class LLaDABlockSampler:
         if ignored:
             logger.warning_once("LLaDADiffusionLM ignores the diffusion options %s", ignored)
         self.width[slot] = min(int(extra.get("diffusion_canvas_length") or self.canvas_length), self.canvas_length)
-        self.steps[slot] = max(1, min(int(extra.get("diffusion_max_steps") or self.max_steps), self.max_steps))
+        steps = int(extra.get("diffusion_max_steps") or self.max_steps)
+        if steps > self.max_steps:
+            logger.warning_once("diffusion_max_steps above the served max_denoising_steps=%d is capped", self.max_steps)
+        self.steps[slot] = max(1, min(steps, self.max_steps))
 
     def apply_staged_writes(self) -> None:
         return None
@@ -124,6 +128,7 @@ class LLaDABlockSampler:
                 if n < self.max_model_len - int(input_batch.num_computed_tokens_np[i]):
                     # cut by the step's token budget: compute the same canvas again next step
                     self.req_states.draft_tokens[slot, :width] = self.canvas[slot, :width]
+                    self.num_recomputed_canvases += 1
                     continue
                 # cut by max_model_len (from the block's first step on): a shorter final block
                 self.width[slot] = width = n
