@@ -51,19 +51,14 @@ def diffusion_llm(path, **overrides):
     return llm
 
 
-def generate(llm, prompts: list[list[int]], gen_length: int, steps: list[int] | None = None):
-    """All prompts submitted together (one continuous batch); per-request steps via extra_args."""
+def generate(llm, prompts: list[list[int]], gen_length: int, extra: list[dict] | None = None):
+    """All prompts submitted together (one continuous batch); per-request diffusion knobs in ``extra``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [
-        SamplingParams(
-            max_tokens=gen_length,
-            ignore_eos=True,
-            detokenize=False,
-            extra_args={"diffusion_max_steps": s} if s else None,
-        )
-        for s in (steps or [None] * len(prompts))
+        SamplingParams(max_tokens=gen_length, ignore_eos=True, detokenize=False, extra_args=e or None)
+        for e in (extra or [None] * len(prompts))
     ]
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 

@@ -24,11 +24,12 @@ def test_runs_on_vllms_diffusion_stack(protected_llm):
 
 def test_concurrent_requests_equal_prefix_cache_reference(protected_llm, reference):
     prompts = [prompt_ids(n, seed=i) for i, n in enumerate([4, 7, 13, 22, 40])]  # + 24 tokens <= 64
-    steps = [STEPS, 3, 1, 2, STEPS]  # per-request steps per block (extra_args diffusion_max_steps <= STEPS)
-    outs = generate(protected_llm, prompts, gen_length=3 * BLOCK, steps=steps)
-    for prompt, s, out in zip(prompts, steps, outs):
-        expected = reference.generate(prompt, 3 * BLOCK, BLOCK, s)
-        assert list(out.outputs[0].token_ids) == expected
+    # per request (extra_args): (block = canvas width, steps per block), never above the served (8, 4)
+    knobs = [(BLOCK, STEPS), (BLOCK, 3), (BLOCK, 1), (4, 2), (BLOCK, STEPS)]
+    extra = [{"diffusion_canvas_length": b, "diffusion_max_steps": s} for b, s in knobs]
+    outs = generate(protected_llm, prompts, gen_length=3 * BLOCK, extra=extra)
+    for prompt, (block, steps), out in zip(prompts, knobs, outs):
+        assert list(out.outputs[0].token_ids) == reference.generate(prompt, 3 * BLOCK, block, steps)
 
 
 def test_canvas_cut_by_the_token_budget_is_recomputed(llada_dir, reference):
