@@ -67,14 +67,20 @@ class PrefixCacheLLaDA:
         head = w.get("model.transformer.ff_out.weight", w["model.transformer.wte.weight"])
         return self._rms(x, "model.transformer.ln_f.weight") @ head.T
 
-    def generate(self, prompt: list[int], gen_length: int, block_length: int, steps_per_block: int) -> list[int]:
-        """LLaDA's greedy low-confidence remasking, block by block, each block attending to what precedes it."""
+    def generate(
+        self, prompt: list[int], gen_length: int, block_length: int, steps_per_block: int, max_len: int | None = None
+    ) -> list[int]:
+        """LLaDA's greedy low-confidence remasking, block by block, each block attending to what precedes it.
+        ``max_len`` (vLLM's max_model_len) shortens the last block to what fits, and ends decoding there."""
         seq, segments = list(prompt), [0] * len(prompt)
         for block in range(gen_length // block_length):
-            canvas = torch.full((block_length,), self.mask_id)
-            base, extra = divmod(block_length, steps_per_block)
+            width = min(block_length, (max_len or len(seq) + block_length) - len(seq))
+            if width <= 0:
+                break
+            canvas = torch.full((width,), self.mask_id)
+            base, extra = divmod(width, steps_per_block)
             for step in range(steps_per_block):
-                logits = self.logits(seq + canvas.tolist(), segments + [block + 1] * block_length)[-block_length:]
+                logits = self.logits(seq + canvas.tolist(), segments + [block + 1] * width)[-width:]
                 x0 = logits.argmax(-1)
                 p = torch.softmax(logits.double(), -1).gather(-1, x0[:, None]).squeeze(-1)
                 confidence = torch.where(canvas == self.mask_id, p, torch.tensor(-torch.inf, dtype=p.dtype))
@@ -83,5 +89,5 @@ class PrefixCacheLLaDA:
                     idx = torch.topk(confidence, k).indices
                     canvas[idx] = x0[idx]
             seq += canvas.tolist()
-            segments += [block + 1] * block_length
+            segments += [block + 1] * width
         return seq[len(prompt) :]

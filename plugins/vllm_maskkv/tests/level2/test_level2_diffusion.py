@@ -46,6 +46,16 @@ def test_canvas_cut_by_the_token_budget_is_recomputed(llada_dir, reference):
         assert list(out.outputs[0].token_ids) == reference.generate(prompt, 2 * BLOCK, BLOCK, STEPS)
 
 
+def test_last_block_cut_by_max_model_len_is_shorter(protected_llm, reference):
+    """50 prompt tokens + 16 asked > max_model_len 64: vLLM admits it and stops at 64; the last canvas holds
+    the 6 positions that fit, and is decoded as a 6-token block."""
+    prompt = prompt_ids(50, seed=1)
+    out = generate(protected_llm, [prompt], gen_length=2 * BLOCK)[0].outputs[0]
+    assert out.finish_reason == "length"
+    assert list(out.token_ids) == reference.generate(prompt, 2 * BLOCK, BLOCK, STEPS, max_len=64)
+    assert len(out.token_ids) == 64 - 50
+
+
 def test_it_is_prefix_cache_decoding_not_the_exact_decoder(protected_llm, reference, llada_dir):
     """Documented semantics: the exact decoder recomputes the prompt against the masks every step; level 2
     does not, so its tokens generally differ (here on at least one of the prompts)."""
