@@ -51,8 +51,8 @@ class VLLMModelRunner:
         prompts: list[TokensPrompt] = []
         candidates: list[torch.Tensor] = []
         for item in scheduled:
-            if not item.full_pass:
-                raise RuntimeError("backend='vllm' computes full passes only (kv_policy='none')")
+            if not item.full_pass or item.layers is not None:
+                raise RuntimeError("backend='vllm' computes whole full passes only (kv_policy='none')")
             req = item.request
             candidates.append(req.state.candidates(req.tokens, req.mask_id))
             prompts.append(TokensPrompt(prompt_token_ids=req.tokens.tolist()))
