@@ -1,7 +1,7 @@
 """Engine-config rules for ``LLaDADiffusionLM``, run by vLLM while it builds its VllmConfig (every process).
 
 LLaDA's prompt is bidirectional: each prompt token's KV depends on every other prompt token. Two vLLM
-features assume causal prompts and silently corrupt it (both reproduced in tests/test_level2_hazards.py):
+features assume causal prompts and silently corrupt it (both reproduced in tests/level2/test_level2_hazards.py):
 * prefix caching reuses a block of KV computed with another prompt's tail;
 * chunked prefill computes a long prompt in chunks, each attending only to the chunks before it.
 So this hook turns prefix caching and chunked prefill off, and refuses a token budget smaller than

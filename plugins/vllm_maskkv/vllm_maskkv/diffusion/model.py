@@ -56,13 +56,21 @@ class BidirectionalCachedAttention(LlamaAttention):
         self.scaling = self.head_dim**-0.5
         self.max_position_embeddings = max_position_embeddings
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, self.head_dim, num_heads, num_kv_heads, bias=bias, quant_config=quant_config,
+            hidden_size,
+            self.head_dim,
+            num_heads,
+            num_kv_heads,
+            bias=bias,
+            quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
-        )  # fmt: skip
+        )
         self.o_proj = RowParallelLinear(
-            num_heads * self.head_dim, hidden_size, bias=bias_o_proj, quant_config=quant_config,
+            num_heads * self.head_dim,
+            hidden_size,
+            bias=bias_o_proj,
+            quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
-        )  # fmt: skip
+        )
         self._init_rotary_emb(config, quant_config=quant_config)
         self.attn = PrefillPrefixLMAttention(
             self.num_heads,
