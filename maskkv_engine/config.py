@@ -82,8 +82,11 @@ class EngineConfig:
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    backend: str = "native"  # 'vllm': vLLM computes the forward passes (plugins/vllm_maskkv)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("native", "vllm"):
+            raise ValueError(f"backend={self.backend!r} is not supported (allowed: 'native', 'vllm')")
         if self.kv_budget is not None and (not isinstance(self.kv_budget, int) or self.kv_budget < 1):
             raise ValueError(f"kv_budget={self.kv_budget!r} must be an integer >= 1 (KV pairs per head) or None")
         if not isinstance(self.kv_policy_config, dict):

