@@ -49,6 +49,8 @@ class ModeResult:
     peak_pages: int = 0
     peak_kv_bytes: int = 0
     engine_steps: int = 0
+    prefill_steps: int = 0  # engine steps that ran at least one prefill (first, full pass)
+    prefill_step_time: float = 0.0  # seconds spent in those steps
     projected: str | None = None  # how the numbers were projected, if they were
 
     def tokens_per_second(self, gen: int) -> float:
@@ -71,10 +73,16 @@ def run_mode(engine, prompts: list[list[int]], params: SamplingParams, stop_afte
         engine.add_request(rid, {"prompt_token_ids": p}, params)
     finished = []
     step_times = []
+    sched = engine.scheduler
     while engine.has_unfinished_requests():
+        pending = [r for r in [*sched.running, *sched.waiting] if r.metrics.prefill_time is None]
         t0 = time.perf_counter()
         outs = engine.step()
         step_times.append(time.perf_counter() - t0)
+        prefills = sum(r.metrics.prefill_time is not None for r in pending)
+        if prefills:
+            res.prefill_steps += 1
+            res.prefill_step_time += step_times[-1]
         finished += [o for o in outs if o.finished]
         if bm is not None:
             res.peak_pages = max(res.peak_pages, bm.num_used_pages)
@@ -223,13 +231,20 @@ def table(results: list[ModeResult], gen: int) -> list[str]:
                 str(r.peak_pages) if r.spec.policy != "none" else "— (no pages)",
                 common.mib(r.peak_kv_bytes) if r.spec.policy != "none" else "—",
                 str(r.engine_steps),
+                "—" if r.projected else f"{r.prefill_steps}: {r.prefill_step_time:.1f}",
+                "—" if r.projected else f"{r.engine_steps - r.prefill_steps}: {r.wall - r.prefill_step_time:.1f}",
             ]
         )
     head = [
         "policy", "mode", "wall s", "tokens/s", "vs one-at-a-time", "vs none (same mode)", "p50 latency s",
-        "p99 latency s", "peak pages", "peak KV MiB", "engine steps",
+        "p99 latency s", "peak pages", "peak KV MiB", "engine steps", "steps with prefills: s",
+        "denoise-only steps: s",
     ]  # fmt: skip
-    return common.markdown_table(head, rows) + ["", "`*` projected for none (see below)."]
+    return common.markdown_table(head, rows) + [
+        "",
+        "`*` projected for none (see below). The last two columns split the wall time between engine steps that "
+        "ran at least one prefill (the first, full pass of a request) and steps that only denoised.",
+    ]
 
 
 if __name__ == "__main__":

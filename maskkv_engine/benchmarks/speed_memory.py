@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import tempfile
@@ -51,6 +52,7 @@ POLICIES = [
 ]
 BLOCK_LENGTH = 32  # LLaDA's generate.py default (gen 128 = 4 blocks of 32)
 K_P = 100  # dLLM-Cache's prompt refresh period (a full pass): refresh/dllm_cache.py default
+SAFETY = 1.2  # a group starts only if 1.2x its projected cost fits in the time left (contention varies)
 
 
 @dataclass
@@ -90,11 +92,18 @@ class Planner:
         return self.budget_s - (time.perf_counter() - self.start)
 
     def pass_time(self, tokens: int) -> float | None:
-        """Quadratic scaling of the longest measured pass (attention dominates long passes: conservative)."""
+        """A full pass over ``tokens``, scaled from the nearest measured pass as t ~ tokens^p, with p fitted on
+        the two longest passes measured (long passes grow faster than n^2 here: caches), 2 until there are two."""
         if not self.passes:
             return None
-        m = max(self.passes)
-        return self.passes[m] * max(1.0, (tokens / m) ** 2)
+        measured = sorted(self.passes)
+        p = 2.0
+        if len(measured) >= 2:
+            (n1, n2) = measured[-2:]
+            p = min(max(math.log(self.passes[n2] / self.passes[n1]) / math.log(n2 / n1), 1.0), 3.0)
+        below = [m for m in measured if m <= tokens]
+        ref = below[-1] if below else measured[0]
+        return self.passes[ref] * (tokens / ref) ** p
 
     def none_is_true(self, n: int, gen: int) -> bool:
         t = self.pass_time(n + gen)
@@ -111,8 +120,9 @@ class Planner:
             else:
                 passes += 1 + ((gen - 1) // K_P if s.refresh == "dllm_cache" else 0)
                 steps += gen - 1
-        known = [v * max(1.0, n / k) for k, v in self.cached_step.items()]
-        return passes * t + steps * (max(known) if known else 0.0)
+        below = [k for k in sorted(self.cached_step) if k <= n]
+        step = self.cached_step[below[-1]] * n / below[-1] if below else 0.0  # full's step grows with n
+        return passes * t + steps * step
 
     def record(self, r: Result) -> None:
         if r.run is None:
@@ -186,7 +196,7 @@ def run_all(args) -> tuple[list[Result], DevicePeak, str, object]:
             too_long = None
             for n in sorted(args.lengths):
                 cost = planner.group_cost(n, gen, specs)
-                if too_long is None and cost is not None and cost > planner.left:
+                if too_long is None and cost is not None and cost * SAFETY > planner.left:
                     too_long = f"skipped for time (projected {cost / 60:.0f} min, {max(planner.left, 0) / 60:.0f} left)"
                 if too_long:
                     results += [Result(s, n, gen, skipped=too_long) for s in specs]
