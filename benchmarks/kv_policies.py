@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", default="1024,4096,8192")
     p.add_argument("--budgets", default="64,256")
     p.add_argument("--gen-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6, help="engine steps per cached configuration (prefill included)")
+    p.add_argument("--steps", type=int, default=11, help="engine steps per cached configuration (prefill included)")
     p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]

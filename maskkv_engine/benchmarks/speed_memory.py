@@ -334,16 +334,15 @@ def headline(results: list[Result]) -> list[str]:
     return lines
 
 
-def gpu_section(args, command: str) -> list[str]:
-    gpu_command = command.replace("--device cpu", "").strip() + " --shape llada-8b --device cuda"
+def gpu_section(script: str) -> list[str]:
     return [
-        f"Command (not run): `{gpu_command}`  ",
+        f"Command (not run): `{script} --shape llada-8b --device cuda`  ",
         "Code path: device cuda, attention_backend triton, dtype bfloat16, peak memory from "
         "torch.cuda.max_memory_allocated, page pool sized to each request's reservation, roofline against a "
         "measured bf16 8192^3 matmul and a 2 GiB device copy.",
         "",
-        "**Not measured**: no GPU was lent to this issue. Every GPU column of the tables above is blank until "
-        "someone runs the command on one.",
+        "**Not measured**: no GPU was lent to this issue, so there are no GPU figures yet; the command writes them "
+        "as their own section (`Speed and memory per policy (cuda, `llada-8b`)`).",
     ]
 
 
@@ -432,7 +431,7 @@ def main(
         plot_speed_memory(results, args.plot, f"{shape_text.split(':')[0]} on {device.type}")
         body += ["", f"Plot: `{args.plot.name}`"]
     if device.type == "cpu":
-        body += ["", "### GPU (triton, bfloat16, `llada-8b`)", "", *gpu_section(args, command)]
+        body += ["", "### GPU (triton, bfloat16, `llada-8b`)", "", *gpu_section(script)]
     if args.results:
         common.write_results(args.results, f"Speed and memory per policy ({device.type}, `{args.shape}`)", body)
     print(f"\nwall {wall / 60:.1f} min; load average {load_start} -> {load_end}")
