@@ -1,4 +1,4 @@
-"""``maskkv``: generate | serve | calibrate | random-checkpoint (and, as it lands: bench)."""
+"""``maskkv``: generate | serve | bench | calibrate | random-checkpoint."""
 
 from __future__ import annotations
 
@@ -170,12 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-len", type=int, default=32768)
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_random_checkpoint)
+
+    b = sub.add_parser(
+        "bench",
+        add_help=False,  # its options belong to the benchmark: `maskkv bench --help` lists them
+        help="speed and memory per KV policy against the reference decoder (random weights; --help for options)",
+    )
+    b.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from maskkv_engine.benchmarks.speed_memory import main as bench_main
+
+    bench_main(args.bench_argv, script="maskkv bench")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ValueError, TypeError) as e:  # bad input: one clear line, not a traceback

@@ -1,0 +1,226 @@
+"""Long-context quality of every KV policy and budget on the embedded default model.
+
+For each task of the synthetic suite (benchmarks/longctx), prompt length and needle depth, the model
+answers with each policy (none, full, maskkv, snapkv, pyramidkv, adakv, squeeze) at each budget (KV
+pairs kept per head); a sample is correct when its answer, cut at the first EOS, matches exactly.
+Retention = accuracy / accuracy at full cache. Decoding is LLaDA's reference rule, greedy, one token
+per step (gen_length = answer length + 3 EOS slots), as the model was trained and evaluated.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.quality                    # the whole grid, a few minutes
+    python -m benchmarks.quality --lengths 512 --n 4 --budgets 16      # a quick look
+
+Prints a table last, writes the full figures to benchmarks/out/quality.json, the markdown tables into
+benchmarks/RESULTS.md (section "Long-context quality"), and PNG plots to benchmarks/plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.longctx import TASKS, generate_suite, load_tokenizer
+from maskkv_engine import LLM, SamplingParams
+from maskkv_engine.llm import default_model_path
+
+POLICIES = ["none", "full", "maskkv", "snapkv", "pyramidkv", "adakv", "squeeze"]
+PRUNING = POLICIES[2:]
+EXTRA_EOS = 3
+OUT = Path(__file__).parent / "out"
+PLOTS = Path(__file__).parent / "plots"
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def answer_of(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens
+
+
+def run_policy(model: str, policy: str, budget: int | None, samples) -> list[bool]:
+    """Whether each sample is answered exactly; all samples in one batched generate call."""
+    llm = LLM(model, kv_policy=policy, kv_budget=budget)
+    params = []
+    for s in samples:
+        n = len(s.answer_token_ids) + EXTRA_EOS
+        params.append(SamplingParams(gen_length=n, steps=n, block_length=n, stop_at_eos=False))
+    outs = llm.generate([{"prompt_token_ids": s.prompt_token_ids} for s in samples], params, use_tqdm=False)
+    stop = llm.llm_engine.stop_token_ids
+    return [answer_of(o.outputs[0].token_ids, stop) == s.answer_token_ids for o, s in zip(outs, samples)]
+
+
+def accuracy(correct: list[bool], samples, key) -> dict:
+    groups = defaultdict(list)
+    for ok, s in zip(correct, samples):
+        groups[key(s)].append(ok)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def markdown(results: dict, tasks: list[str], lengths: list[int], budgets: list[int]) -> str:
+    """Accuracy per task (rows) and policy x budget (columns), averaged over lengths; retention line."""
+    lines = []
+    cols = ["none", "full"] + [f"{p}@{b}" for p in PRUNING for b in budgets]
+    lines.append("| task | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for task in tasks + ["all"]:
+        row = []
+        for c in cols:
+            acc = results[c]["by_task"].get(task) if task != "all" else results[c]["overall"]
+            row.append("-" if acc is None else f"{100 * acc:.0f}")
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    full = results["full"]["overall"]
+    ret = ["", ""] + [
+        f"{100 * results[c]['overall'] / full:.0f}%" if full else "-" for c in cols[2:]
+    ]
+    lines.append("| retention vs full | " + " | ".join(ret) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, tasks: list[str], lengths: list[int], budgets: list[int], heat_budget: int, samples) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for p in PRUNING:
+            ax.plot(budgets, [100 * results[f"{p}@{b}"]["by_task"][task] for b in budgets], marker="o", label=p)
+        ax.axhline(100 * results["full"]["by_task"][task], color="k", ls="--", lw=1, label="full")
+        ax.set_xscale("log", base=2)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("KV pairs per head")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = PLOTS / "quality_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    depths = sorted({s.depth for s in samples if s.task == "single_needle"})
+    cols = ["full"] + [f"{p}@{heat_budget}" for p in PRUNING]
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
+    for ax, c in zip(axes[0], cols):
+        grid = [[results[c]["needle"].get(f"{n}/{d}", float("nan")) for n in lengths] for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(c, fontsize=9)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_xlabel("prompt tokens", fontsize=8)
+    axes[0][0].set_ylabel("needle depth", fontsize=8)
+    fig.tight_layout()
+    path = PLOTS / "needle_heatmap.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def write_results(section: str) -> None:
+    """Replace (or append) the '## Long-context quality' section of RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    head = "## Long-context quality"
+    start = text.find(head)
+    if start >= 0:
+        end = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[end:] if end >= 0 else "\n")
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--lengths", default="512,1024,2048")
+    p.add_argument("--budgets", default="8,16,32,64,128")
+    p.add_argument("--n", type=int, default=8, help="samples per (task, length), depths evenly spaced")
+    p.add_argument("--heat-budget", type=int, default=32, help="budget of the needle heatmap")
+    p.add_argument("--seed", type=int, default=20261126)
+    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = p.parse_args(argv)
+    model = args.model or default_model_path()
+    tasks = args.tasks.split(",")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    tokenizer = load_tokenizer(model)
+    samples = generate_suite(tasks, lengths, args.n, args.seed, tokenizer)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    configs = [("none", None), ("full", None)] + [(p, b) for p in PRUNING for b in budgets]
+    results = {}
+    for policy, budget in configs:
+        name = policy if budget is None else f"{policy}@{budget}"
+        t = time.perf_counter()
+        correct = run_policy(model, policy, budget, samples)
+        results[name] = {
+            "overall": sum(correct) / len(correct),
+            "by_task": accuracy(correct, samples, lambda s: s.task),
+            "by_task_length": {f"{k[0]}/{k[1]}": v for k, v in accuracy(correct, samples, lambda s: (s.task, s.length)).items()},
+            "needle": {f"{k[0]}/{k[1]}": v for k, v in accuracy(
+                [c for c, s in zip(correct, samples) if s.task == "single_needle"],
+                [s for s in samples if s.task == "single_needle"], lambda s: (s.length, s.depth)).items()},
+            "seconds": round(time.perf_counter() - t, 1),
+        }  # fmt: skip
+        print(f"{name:>14}: {100 * results[name]['overall']:5.1f}%  ({results[name]['seconds']}s)", flush=True)
+    elapsed = time.perf_counter() - t0
+    OUT.mkdir(exist_ok=True)
+    (OUT / "quality.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, tasks, lengths, budgets)
+    paths = plot(results, tasks, lengths, budgets, args.heat_budget, samples) if "single_needle" in tasks else []
+    per_length = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for task in tasks:
+        per_length.append(
+            f"| {task} | " + " | ".join(f"{100 * results['full']['by_task_length'].get(f'{task}/{n}', 0):.0f}%" for n in lengths) + " |"
+        )
+    shares = {b: 100.0 * b / (sum(lengths) / len(lengths)) for b in budgets}
+    small = [b for b in budgets if b <= 0.05 * min(lengths)]
+    maskkv_small = [results[f"maskkv@{b}"]["overall"] / results["full"]["overall"] for b in small] if results["full"]["overall"] else []
+    summary = (
+        f"MaskKV keeps {max(maskkv_small) * 100:.0f}% of full-cache accuracy at <= 5% of the prompt "
+        f"(budget {max(small)} of {min(lengths)}+ tokens); the paper reports 94% on LongBench at 256 KV pairs per head."
+        if maskkv_small else ""
+    )
+    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.quality " + " ".join(argv or [])
+    section = "\n".join(
+        [
+            "## Long-context quality",
+            "",
+            f"Command: `{cmd.strip()}` — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{elapsed / 60:.1f} min, load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}.",
+            f"Model: `{model}`; {args.n} samples per (task, length) at lengths {lengths}, needle depths evenly "
+            f"spaced, seed {args.seed}; greedy, one token per step. Budgets are KV pairs per head "
+            f"({', '.join(f'{b} = {shares[b]:.1f}%' for b in budgets)} of the mean prompt).",
+            "",
+            "Full-cache accuracy per task and prompt length:",
+            "",
+            *per_length,
+            "",
+            "Accuracy (%) per policy @ budget, all lengths together:",
+            "",
+            table,
+            "",
+            summary,
+            "",
+            *[f"![{p.stem}](plots/{p.name})" for p in paths],
+        ]
+    )
+    if not args.no_write:
+        write_results(section)
+    print()
+    print(table)
+    if summary:
+        print(summary)
+
+
+if __name__ == "__main__":
+    main()
