@@ -74,14 +74,14 @@ def markdown(results: dict, tasks: list[str], lengths: list[int], budgets: list[
             row.append("-" if acc is None else f"{100 * acc:.0f}")
         lines.append(f"| {task} | " + " | ".join(row) + " |")
     full = results["full"]["overall"]
-    ret = ["", ""] + [
-        f"{100 * results[c]['overall'] / full:.0f}%" if full else "-" for c in cols[2:]
-    ]
+    ret = ["", ""] + [f"{100 * results[c]['overall'] / full:.0f}%" if full else "-" for c in cols[2:]]
     lines.append("| retention vs full | " + " | ".join(ret) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, tasks: list[str], lengths: list[int], budgets: list[int], heat_budget: int, samples) -> list[Path]:
+def plot(
+    results: dict, tasks: list[str], lengths: list[int], budgets: list[int], heat_budget: int, samples
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,15 +180,22 @@ def main(argv=None) -> None:
     per_length = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for task in tasks:
         per_length.append(
-            f"| {task} | " + " | ".join(f"{100 * results['full']['by_task_length'].get(f'{task}/{n}', 0):.0f}%" for n in lengths) + " |"
+            f"| {task} | "
+            + " | ".join(f"{100 * results['full']['by_task_length'].get(f'{task}/{n}', 0):.0f}%" for n in lengths)
+            + " |"
         )
     shares = {b: 100.0 * b / (sum(lengths) / len(lengths)) for b in budgets}
     small = [b for b in budgets if b <= 0.05 * min(lengths)]
-    maskkv_small = [results[f"maskkv@{b}"]["overall"] / results["full"]["overall"] for b in small] if results["full"]["overall"] else []
+    maskkv_small = (
+        [results[f"maskkv@{b}"]["overall"] / results["full"]["overall"] for b in small]
+        if results["full"]["overall"]
+        else []
+    )
     summary = (
         f"MaskKV keeps {max(maskkv_small) * 100:.0f}% of full-cache accuracy at <= 5% of the prompt "
         f"(budget {max(small)} of {min(lengths)}+ tokens); the paper reports 94% on LongBench at 256 KV pairs per head."
-        if maskkv_small else ""
+        if maskkv_small
+        else ""
     )
     cmd = "OMP_NUM_THREADS=1 python -m benchmarks.quality " + " ".join(argv or [])
     section = "\n".join(

@@ -16,10 +16,10 @@ os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes below
 
 import pytest  # noqa: E402
-import vllm_maskkv.cpu_triton_shim  # noqa: E402,F401  (before vllm)
-from vllm_maskkv.diffusion import llada_diffusion_kwargs  # noqa: E402
 
+import vllm_maskkv.cpu_triton_shim  # noqa: E402,F401  (before vllm)
 from tests.level2.reference import PrefixCacheLLaDA  # noqa: E402
+from vllm_maskkv.diffusion import llada_diffusion_kwargs  # noqa: E402
 
 BLOCK, STEPS = 8, 4  # canvas (LLaDA block) and denoising steps per block
 LEVEL2_MAX_MODEL_LEN = 64  # short sequences: a tiny random model's canvas still depends on its prompt

@@ -19,6 +19,7 @@ def unprotected(monkeypatch):
     """Undo the plugin's protection for one engine: what a naive plugin would ship."""
     from vllm.model_executor.layers.attention import Attention, PrefillPrefixLMAttention
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
     from vllm_maskkv.diffusion import ARCHITECTURE
     from vllm_maskkv.diffusion.config_hook import require_diffusion_config
 
