@@ -1,9 +1,14 @@
 """The ``torch`` backend: gather pages, then tiled online-softmax attention. CPU default and the reference.
 
-Keys are visited in fixed tiles of ``TILE`` tokens (cached pages first, then the sequence's own
-tokens), with the running max / sum / accumulator of the online softmax in float32 (float64 for
+Keys are visited in fixed tiles of ``TILE`` tokens (cached pages first, then the sequence's dense
+keys), with the running max / sum / accumulator of the online softmax in float32 (float64 for
 float64 models). Tiles are fixed, so a sequence's result never depends on the other sequences of
 the batch: padding tiles are exact no-ops. That is what makes batch invariance bitwise on the CPU.
+
+A sequence with no cached pages whose queries are its keys (a full pass: a prefill, or every pass of
+the reference decoder) goes through ``scaled_dot_product_attention`` on its own instead: one call per
+sequence, with no padding and no mask, depends on nothing but that sequence, and is several times
+faster than the tiles on long prompts.
 """
 
 from __future__ import annotations
@@ -60,14 +65,46 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        buckets = _length_buckets(meta)
-        if len(buckets) == 1:
-            return self._forward_bucket(layer, q, k, v, meta)
+        dense = self._dense_sequences(layer, meta)
         out = q.new_empty(q.shape)
+        if dense:
+            cu = meta.q.cu.tolist()
+            for s in dense:
+                rows = slice(cu[s], cu[s + 1])
+                out[rows] = self._dense(q[rows], k[rows], v[rows])
+            if len(dense) == meta.num_seqs:
+                return out
+            rest = torch.tensor(sorted(set(range(meta.num_seqs)) - set(dense)), device=meta.q.index.device)
+            meta = meta.select(rest)
+        buckets = _length_buckets(meta)
+        if len(buckets) == 1 and not dense:
+            return self._forward_bucket(layer, q, k, v, meta)
         for seqs in buckets:
             sub = meta.select(seqs.to(meta.q.index.device))
             out[sub.q.index[sub.q.valid]] = self._forward_bucket(layer, q, k, v, sub)
         return out
+
+    @staticmethod
+    def _dense_sequences(layer: int, meta: AttentionMetadata) -> list[int]:
+        """Sequences whose queries are exactly their keys and that hold no pages at this layer."""
+        if not meta.same_layout:
+            return []
+        if meta.block_tables is None:
+            return list(range(meta.num_seqs))
+        held = meta.cached_lens[layer].sum(dim=-1).cpu()
+        return (held == 0).nonzero().squeeze(-1).tolist()
+
+    @staticmethod
+    def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence, no mask: q [n, H_q, D], k / v [n, H_kv, D] -> [n, H_q, D]."""
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None].to(compute),
+            k.transpose(0, 1)[None].to(compute),
+            v.transpose(0, 1)[None].to(compute),
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out[0].transpose(0, 1).to(q.dtype)
 
     def _forward_bucket(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
