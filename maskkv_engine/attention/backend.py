@@ -32,4 +32,6 @@ def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     meta = ctx.attn
     if ctx.hooks is not None:
         q, k, v, meta = ctx.hooks.prepare_attention(layer, q, k, v, meta)
+    if q.shape[0] == 0:  # a refresh step may recompute no row at all in a layer
+        return q.new_empty(q.shape)
     return ctx.backend.forward(layer, q, k, v, meta)

@@ -31,7 +31,7 @@ def block_forward(
     o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
     rows = hooks.rows(layer) if hooks is not None else None
     x_rows = x if rows is None else x[rows]
-    a = out_proj(o.reshape(o.shape[0], -1))
+    a = out_proj(o.reshape(o.shape[0], o.shape[1] * o.shape[2]))
     x1 = x_rows + a
     if hooks is not None:
         hooks.on_attention_residual(layer, x_rows, x1)
