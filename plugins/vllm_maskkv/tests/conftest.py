@@ -98,6 +98,11 @@ def pooling_llm(path: Path):
     )
 
 
+def shutdown_vllm(llm) -> None:
+    """Shut vLLM's in-process engine down before the next one is built (see VLLMModelRunner.shutdown)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def encode_logits(llm, sequences: list[list[int]]) -> list[torch.Tensor]:
     from vllm.inputs import TokensPrompt
 

@@ -22,12 +22,16 @@ def _engines(path):
 
 @pytest.fixture(scope="module")
 def llada(llada_dir):
-    return _engines(llada_dir)
+    ref, via_vllm = _engines(llada_dir)
+    yield ref, via_vllm
+    via_vllm.llm_engine.runner.shutdown()
 
 
 @pytest.fixture(scope="module")
 def dream(dream_dir):
-    return _engines(dream_dir)
+    ref, via_vllm = _engines(dream_dir)
+    yield ref, via_vllm
+    via_vllm.llm_engine.runner.shutdown()
 
 
 def _generate(llm, params: SamplingParams) -> list[list[int]]:

@@ -7,7 +7,7 @@ import torch
 
 from maskkv_engine.models.forward import full_forward_logits
 from maskkv_engine.models.loader import load_model
-from tests.conftest import encode_logits, pooling_llm, prompt_ids
+from tests.conftest import encode_logits, pooling_llm, prompt_ids, shutdown_vllm
 
 CASES = {
     "llada_dir": ("LLaDAModelLM", "LLaDATokenLogits"),
@@ -20,7 +20,9 @@ CASES = {
 def case(request):
     path = request.getfixturevalue(request.param)
     ours, _ = load_model(path, dtype="float32")
-    return request.param, path, pooling_llm(path), ours
+    llm = pooling_llm(path)
+    yield request.param, path, llm, ours
+    shutdown_vllm(llm)
 
 
 def test_architecture_resolves_from_config_json(case):
@@ -38,7 +40,8 @@ def test_logits_equal_our_forward(case):
     want = full_forward_logits(ours, sequences)
     for g, w, s in zip(got, want, sequences):
         assert g.shape == (len(s), ours.config.vocab_size) and g.dtype == torch.float32
-        assert (g - w).abs().max().item() < 1e-4
+        # fp32 with another summation order: the error scales with the logits' size (up to ~40 here)
+        assert (g - w).abs().max().item() <= 2e-5 * w.abs().max().item()
         assert torch.equal(g.argmax(-1), w.argmax(-1))
 
 

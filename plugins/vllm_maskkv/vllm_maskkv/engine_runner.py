@@ -46,6 +46,15 @@ class VLLMModelRunner:
             seed=seed,
         )
 
+    def shutdown(self) -> None:
+        """Tear vLLM's engine down now.
+
+        vLLM's in-process engine destroys the process-wide distributed groups when it is garbage
+        collected; if that happens after another vLLM engine was built, the newer one loses its groups.
+        Call this before building the next engine in the same process.
+        """
+        self.llm.llm_engine.engine_core.shutdown()
+
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
         prompts: list[TokensPrompt] = []
