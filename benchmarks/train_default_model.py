@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from collections import defaultdict, deque
@@ -45,10 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--minutes", type=float, default=85.0, help="stop (and still save) past this wall time")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated training tasks")
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--d-model", type=int, default=128)
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument(
         "--curriculum",
-        default="0:128,0.05:256,0.15:512,0.5:1024",
+        default="0:128,0.15:256,0.3:512,0.5:1024",
         help="fraction:max_prompt_tokens stages; half the batches use the stage's top length range",
     )
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the key-position answer loss")
@@ -117,6 +118,7 @@ def loss_fn(model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hi
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust thread pool only contends here
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -175,6 +177,8 @@ def main(argv=None) -> None:
                 f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) slot-acc {accs}",
                 flush=True,
             )
+        if (step + 1) % 1000 == 0:  # a checkpoint to resume from by hand if the run is killed
+            save_checkpoint(model, Path(args.out) / "partial")
         if elapsed > args.minutes * 60:
             print(f"stopping at step {step + 1}: past --minutes {args.minutes}", flush=True)
             break

@@ -39,15 +39,19 @@ def make_batch(
     batch_size: int,
     mask_id: int,
     eos_id: int,
-    max_extra_eos: int = 4,
+    extra_eos: tuple[int, int] = (4, 32),
 ) -> Batch:
-    """`batch_size` samples of `length` prompt tokens; each task drawn from `tasks` uniformly."""
+    """`batch_size` samples of `length` prompt tokens; each task drawn from `tasks` uniformly.
+
+    Responses are the answer then EOS up to a common length: 1 to extra_eos[0] EOS in 3 batches
+    out of 4, 1 to extra_eos[1] in the others."""
     samples = [
         generate_sample(rng.choice(tasks), length, rng.random(), rng.getrandbits(48), tokenizer)
         for _ in range(batch_size)
     ]
     n_ans = max(len(s.answer_token_ids) for s in samples)
-    response_len = n_ans + rng.randint(1, max_extra_eos)
+    # EOS padding: mostly a few (the eval's gen_length), sometimes many (a user's longer gen_length).
+    response_len = n_ans + rng.randint(1, extra_eos[0] if rng.random() < 0.75 else extra_eos[1])
     rows, slots, query = [], [], []
     for s in samples:
         ans = s.answer_token_ids

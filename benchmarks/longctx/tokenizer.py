@@ -8,7 +8,9 @@ chat template included; ``decode(ids, skip_special_tokens=True)`` gives the word
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
@@ -58,8 +60,44 @@ def build_tokenizer():
 
 
 def save_tokenizer(directory: str | os.PathLike) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (and the chat template)."""
-    build_tokenizer().save_pretrained(str(directory))
+    """Write tokenizer.json, tokenizer_config.json (chat template inside) and special_tokens_map.json.
+
+    Written so that transformers 4.x and 5.x both load it: the generic fast-tokenizer class, the
+    chat template in tokenizer_config.json rather than a separate chat_template.jinja.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    tok.backend_tokenizer.save(str(root / "tokenizer.json"))
+    special = {
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "unk_token": UNK,
+        "mask_token": MASK,
+        "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END_OF_TURN],
+    }
+    added = {
+        str(VOCAB.index(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        **special,
+        "extra_special_tokens": special["additional_special_tokens"],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (root / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def load_tokenizer(directory: str | os.PathLike | None = None):
