@@ -10,7 +10,7 @@ from maskkv_engine.attention.metadata import AttentionMetadata, get_forward_cont
 
 
 class AttentionBackend(ABC):
-    """Bidirectional attention of packed queries over [cached pages of their head] + [their own dense KV].
+    """Bidirectional attention of packed queries over [cached pages of their head] + [their dense keys].
 
     Each (sequence, layer, kv_head) is its own variable-length sequence with G = H_q / H_kv query
     heads; query head i reads kv head i // G. No causal mask anywhere: dLLMs attend both ways.
@@ -22,19 +22,14 @@ class AttentionBackend(ABC):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """q [T, H_q, D], k/v [T, H_kv, D] (post-RoPE, packed) -> [T, H_q, D]."""
+        """q [Tq, H_q, D] laid out by ``meta.q``; k / v [Tk, H_kv, D] by ``meta.kv`` -> [Tq, H_q, D]."""
 
 
 def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Called by every attention layer: lets the step's KV hook see q/k/v, then runs the backend."""
+    """Called by every attention layer with the fresh q/k/v of all packed rows; returns the attention
+    output of the rows the step computes at this layer (all of them on a plain pass)."""
     ctx = get_forward_context()
-    if ctx.kv_hook is not None:
-        ctx.kv_hook.on_qkv(layer, q, k, v)
-    return ctx.backend.forward(layer, q, k, v, ctx.attn)
-
-
-def residual_hook(layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-    """Called with the residual stream before and after each attention sub-layer (layer importance)."""
-    ctx = get_forward_context()
-    if ctx.kv_hook is not None:
-        ctx.kv_hook.on_attention_residual(layer, h_in, h_out)
+    meta = ctx.attn
+    if ctx.hooks is not None:
+        q, k, v, meta = ctx.hooks.prepare_attention(layer, q, k, v, meta)
+    return ctx.backend.forward(layer, q, k, v, meta)

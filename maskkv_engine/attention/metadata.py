@@ -1,13 +1,16 @@
 """What one forward pass needs to know about its sequences, set once before the forward (nano-vllm style).
 
 The tokens of all sequences in a step are packed into one stream ``[T, ...]`` with no padding. Each
-sequence attends, bidirectionally, to
+sequence's queries attend, bidirectionally, to
 
-* the cached KV held in pages for it: per (layer, kv_head) a page list and a kept length, which may
-  differ between heads and layers (MaskKV keeps a different number of prompt tokens per head), and
-* the K/V of its own tokens computed in this step (the "dense" part).
+* the cached prompt KV held in pages for it: per (layer, kv_head) a page list and a kept length,
+  which may differ between heads and layers (MaskKV keeps a different number of tokens per head), and
+* its dense keys: the K/V of its own tokens computed in this step, plus, for refresh strategies, the
+  cached K/V of response tokens that are not recomputed this step.
 
-A full pass of the reference decoder is the case with no cached KV: every token is in the dense part.
+Queries and dense keys have separate layouts, like flash-attention's varlen API (``cu_seqlens_q`` /
+``cu_seqlens_k``): a sequence's queries are contiguous rows of ``q``, its dense keys contiguous rows of
+``k`` / ``v``. In the common case (every token of the step is both a query and a key) the two are one.
 """
 
 from __future__ import annotations
@@ -22,63 +25,117 @@ import torch
 if TYPE_CHECKING:
     from maskkv_engine.attention.backend import AttentionBackend
 
-PAD_MULTIPLE = 64  # per-sequence query padding used by tiled backends; fixed so tiles never depend on the batch
+PAD_MULTIPLE = 64  # per-sequence padding used by tiled backends; fixed so tiles never depend on the batch
+
+
+@dataclass
+class RowLayout:
+    """Varlen layout of one packed tensor: ``lens`` [S], ``cu`` [S+1], ``index`` [S, Lpad] (packed row of
+    each sequence's j-th entry, padding points at row 0), ``valid`` [S, Lpad]. Lpad % PAD_MULTIPLE == 0."""
+
+    lens: torch.Tensor
+    cu: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def build(cls, lens: list[int], device: torch.device) -> RowLayout:
+        n = torch.tensor(lens, dtype=torch.long)
+        cu = torch.zeros(len(lens) + 1, dtype=torch.long)
+        cu[1:] = torch.cumsum(n, 0)
+        lpad = max(PAD_MULTIPLE, -(-max(lens) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        j = torch.arange(lpad)
+        valid = j[None, :] < n[:, None]
+        index = torch.where(valid, cu[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long))
+        return cls(n.to(device), cu.to(device), index.to(device), valid.to(device))
+
+    def select(self, seqs: torch.Tensor) -> RowLayout:
+        """Some sequences only (rows still index the whole packed tensor; padding shrinks to fit)."""
+        lens = self.lens[seqs]
+        lpad = max(PAD_MULTIPLE, -(-int(lens.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        return RowLayout(lens, self.cu, self.index[seqs, :lpad], self.valid[seqs, :lpad])
 
 
 @dataclass
 class AttentionMetadata:
-    """Packed-sequence layout of one forward pass.
+    """Layout of one attention call.
 
-    seq_lens:     [S] tokens of each sequence in this pass (the dense part).
-    cu_seqlens:   [S+1] offsets of each sequence in the packed stream.
-    q_index:      [S, Lpad] packed row of each sequence's j-th token; padding points at row 0.
-    q_valid:      [S, Lpad] True for real tokens. Lpad is a multiple of PAD_MULTIPLE.
-    block_tables: [L, S, H_kv, P] page ids of each sequence's cached KV, or None when nothing is cached.
+    q:  queries, [S] sequences packed into the rows of the q tensor.
+    kv: dense keys, packed into the rows of the k / v tensors (often the same layout as q).
+    block_tables: [L, S, H_kv, P] page ids of each sequence's cached prompt KV, or None when none is cached.
     cached_lens:  [L, S, H_kv] tokens held in those pages (0 for a sequence without cache).
     k_pool, v_pool: [num_pages, block_size, head_dim] page pools shared by all layers and heads.
     """
 
-    seq_lens: torch.Tensor
-    cu_seqlens: torch.Tensor
-    q_index: torch.Tensor
-    q_valid: torch.Tensor
+    q: RowLayout
+    kv: RowLayout
     block_tables: torch.Tensor | None = None
     cached_lens: torch.Tensor | None = None
     k_pool: torch.Tensor | None = None
     v_pool: torch.Tensor | None = None
 
+    # the q layout, under the names varlen kernels use
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self.q.lens
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.q.cu
+
+    @property
+    def cu_seqlens_k(self) -> torch.Tensor:
+        return self.kv.cu
+
+    @property
+    def q_index(self) -> torch.Tensor:
+        return self.q.index
+
+    @property
+    def q_valid(self) -> torch.Tensor:
+        return self.q.valid
+
+    @property
+    def same_layout(self) -> bool:
+        return self.kv is self.q
+
     @property
     def num_seqs(self) -> int:
-        return int(self.seq_lens.numel())
+        return int(self.q.lens.numel())
 
     @property
     def block_size(self) -> int:
         assert self.k_pool is not None
         return int(self.k_pool.shape[1])
 
+    def select(self, seqs: torch.Tensor) -> AttentionMetadata:
+        """The same call restricted to some sequences (used to bucket sequences by length)."""
+        q = self.q.select(seqs)
+        return AttentionMetadata(
+            q=q,
+            kv=q if self.same_layout else self.kv.select(seqs),
+            block_tables=None if self.block_tables is None else self.block_tables[:, seqs],
+            cached_lens=None if self.cached_lens is None else self.cached_lens[:, seqs],
+            k_pool=self.k_pool,
+            v_pool=self.v_pool,
+        )
+
     @classmethod
     def build(
         cls,
         seq_lens: list[int],
         device: torch.device,
+        kv_lens: list[int] | None = None,
         block_tables: torch.Tensor | None = None,
         cached_lens: torch.Tensor | None = None,
         k_pool: torch.Tensor | None = None,
         v_pool: torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        lens = torch.tensor(seq_lens, dtype=torch.long)
-        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.long)
-        cu[1:] = torch.cumsum(lens, 0)
-        longest = max(seq_lens)
-        lpad = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-        j = torch.arange(lpad)
-        valid = j[None, :] < lens[:, None]
-        index = torch.where(valid, cu[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long))
+        q = RowLayout.build(seq_lens, device)
+        kv = q if kv_lens is None or kv_lens == seq_lens else RowLayout.build(kv_lens, device)
         return cls(
-            seq_lens=lens.to(device),
-            cu_seqlens=cu.to(device),
-            q_index=index.to(device),
-            q_valid=valid.to(device),
+            q=q,
+            kv=kv,
             block_tables=None if block_tables is None else block_tables.to(device),
             cached_lens=None if cached_lens is None else cached_lens.to(device),
             k_pool=k_pool,
@@ -88,13 +145,16 @@ class AttentionMetadata:
 
 @dataclass
 class ForwardContext:
-    """Set around one model forward; read by the attention layers."""
+    """Set around one model forward; read by the attention layers.
+
+    ``hooks`` (a ``StepHooks``) sees every layer's q/k/v and residuals and may shape the step: which
+    rows are recomputed, what cached K/V joins the keys, how outputs merge with caches. None on a
+    plain full pass.
+    """
 
     attn: AttentionMetadata
     backend: AttentionBackend
-    # Optional observer of every layer's post-RoPE q/k/v and attention sub-layer residuals: prefill
-    # eviction (a KV policy choosing what to keep) and calibration use it. None on plain steps.
-    kv_hook: Any = None
+    hooks: Any = None
 
 
 _CONTEXT: ForwardContext | None = None
@@ -102,7 +162,9 @@ _CONTEXT: ForwardContext | None = None
 
 def get_forward_context() -> ForwardContext:
     if _CONTEXT is None:
-        raise RuntimeError("model forward called outside set_forward_context(); use ModelRunner or forward_full()")
+        raise RuntimeError(
+            "model forward called outside set_forward_context(); use ModelRunner or full_forward_logits()"
+        )
     return _CONTEXT
 
 

@@ -45,10 +45,31 @@ class _OnlineSoftmax:
         return self.acc / self.l
 
 
+def _length_buckets(meta: AttentionMetadata) -> list[torch.Tensor]:
+    """Sequence indices grouped by padded length (powers of two times TILE), so a batch mixing full
+    passes over long prompts with short cached steps never pads the short ones to the long ones."""
+    longest = torch.maximum(meta.q.lens, meta.kv.lens).cpu()
+    tiles = (longest + TILE - 1) // TILE
+    bucket = torch.ceil(torch.log2(tiles.double())).long()
+    return [(bucket == b).nonzero().squeeze(-1) for b in torch.unique(bucket)]
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        buckets = _length_buckets(meta)
+        if len(buckets) == 1:
+            return self._forward_bucket(layer, q, k, v, meta)
+        out = q.new_empty(q.shape)
+        for seqs in buckets:
+            sub = meta.select(seqs.to(meta.q.index.device))
+            out[sub.q.index[sub.q.valid]] = self._forward_bucket(layer, q, k, v, sub)
+        return out
+
+    def _forward_bucket(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         out_dtype = q.dtype
@@ -56,24 +77,24 @@ class TorchAttentionBackend(AttentionBackend):
         n_q, d = q.shape[1], q.shape[2]
         n_kv = k.shape[1]
         group = n_q // n_kv
-        s, lpad = meta.q_index.shape
+        s, lpad = meta.q.index.shape
 
         # [S, Lpad, H_q, D] -> [S, H_kv, G * Lpad / TILE, TILE, D]: query head i belongs to kv head i // G
-        qp = q[meta.q_index].to(compute).view(s, lpad, n_kv, group, d).permute(0, 2, 3, 1, 4)
+        qp = q[meta.q.index].to(compute).view(s, lpad, n_kv, group, d).permute(0, 2, 3, 1, 4)
         q_tiles = qp.reshape(s, n_kv, group * lpad // TILE, TILE, d)
         state = _OnlineSoftmax(q_tiles, 1.0 / math.sqrt(d))
 
         if meta.block_tables is not None:
             self._visit_pages(state, layer, meta, compute)
 
-        kd = k[meta.q_index].to(compute).permute(0, 2, 1, 3)  # [S, H_kv, Lpad, D]
-        vd = v[meta.q_index].to(compute).permute(0, 2, 1, 3)
-        for t0 in range(0, lpad, TILE):
-            valid = meta.q_valid[:, None, t0 : t0 + TILE].expand(s, n_kv, TILE)
+        kd = k[meta.kv.index].to(compute).permute(0, 2, 1, 3)  # [S, H_kv, Lkpad, D]
+        vd = v[meta.kv.index].to(compute).permute(0, 2, 1, 3)
+        for t0 in range(0, kd.shape[2], TILE):
+            valid = meta.kv.valid[:, None, t0 : t0 + TILE].expand(s, n_kv, TILE)
             state.update(kd[:, :, t0 : t0 + TILE], vd[:, :, t0 : t0 + TILE], valid)
 
         out = state.result().view(s, n_kv, group, lpad, d).permute(0, 3, 1, 2, 4).reshape(s, lpad, n_q, d)
-        return out[meta.q_valid].to(out_dtype)
+        return out[meta.q.valid].to(out_dtype)
 
     @staticmethod
     def _visit_pages(state: _OnlineSoftmax, layer: int, meta: AttentionMetadata, compute: torch.dtype) -> None:

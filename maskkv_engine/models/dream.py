@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskkv_engine.attention.backend import attention, residual_hook
+from maskkv_engine.models.block import block_forward
 from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
-from maskkv_engine.models.layers import Linear, RMSNorm, RotaryEmbedding, linear, swiglu
+from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 DREAM_MASK_ID = 151666
 
@@ -80,23 +80,26 @@ class DreamDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor):
         a = self.self_attn
-        h = self.input_layernorm(x)
-        q = a.q_proj(h).view(-1, a.n_heads, a.head_dim)
-        k = a.k_proj(h).view(-1, a.n_kv, a.head_dim)
-        v = a.v_proj(h).view(-1, a.n_kv, a.head_dim)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        o = attention(self.layer_id, q, k, v)
-        x_attn = x + a.o_proj(o.reshape(x.shape[0], -1))
-        residual_hook(self.layer_id, x, x_attn)
-        h = self.post_attention_layernorm(x_attn)
+
+        def qkv(h: torch.Tensor):
+            q = a.q_proj(h).view(-1, a.n_heads, a.head_dim)
+            k = a.k_proj(h).view(-1, a.n_kv, a.head_dim)
+            v = a.v_proj(h).view(-1, a.n_kv, a.head_dim)
+            return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+
+        return block_forward(
+            self.layer_id, x, self.input_layernorm, qkv, a.o_proj, self.post_attention_layernorm, self.mlp_forward
+        )
+
+    def mlp_forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.mlp
-        return x_attn + m.down_proj(swiglu(m.gate_proj(h), m.up_proj(h)))
+        return m.down_proj(swiglu(m.gate_proj(h), m.up_proj(h)))
 
 
 class DreamBackbone(nn.Module):
     def __init__(self, cfg: DiffusionLMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DreamDecoderLayer(i, cfg) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -19,7 +19,7 @@ def full_forward_logits(
     model: nn.Module,
     sequences: list[list[int]] | list[torch.Tensor],
     backend: AttentionBackend | None = None,
-    kv_hook=None,
+    hooks=None,
 ) -> list[torch.Tensor]:
     """Per-position logits [len, vocab] of each sequence, all sequences packed into one pass.
 
@@ -31,7 +31,7 @@ def full_forward_logits(
     input_ids = torch.cat(ids).to(device)
     positions = torch.cat([torch.arange(n) for n in lens]).to(device)
     meta = AttentionMetadata.build(lens, device)
-    ctx = ForwardContext(attn=meta, backend=backend or TorchAttentionBackend(), kv_hook=kv_hook)
+    ctx = ForwardContext(attn=meta, backend=backend or TorchAttentionBackend(), hooks=hooks)
     with set_forward_context(ctx):
         hidden = model(input_ids, positions)
     logits = model.compute_logits(hidden)

@@ -38,8 +38,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameter names) whose CPU forward is batch invariant."""
 
+    def reset_parameters(self) -> None:  # inference only: weights always come from a checkpoint
+        pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:  # inference only: weights always come from a checkpoint
+        pass
 
 
 class RMSNorm(nn.Module):

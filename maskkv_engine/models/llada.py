@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskkv_engine.attention.backend import attention, residual_hook
+from maskkv_engine.models.block import block_forward
 from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
-from maskkv_engine.models.layers import Linear, RMSNorm, RotaryEmbedding, linear, swiglu
+from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 LLADA_MASK_ID = 126336
 
@@ -82,16 +82,16 @@ class LLaDABlock(nn.Module):
         self.ff_out = Linear(cfg.intermediate_size, d, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor):
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(-1, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(-1, self.n_kv, self.head_dim)
-        v = self.v_proj(h).view(-1, self.n_kv, self.head_dim)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        o = attention(self.layer_id, q, k, v)
-        x_attn = x + self.attn_out(o.reshape(x.shape[0], -1))
-        residual_hook(self.layer_id, x, x_attn)
-        h = self.ff_norm(x_attn)
-        return x_attn + self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h)))
+        def qkv(h: torch.Tensor):
+            q = self.q_proj(h).view(-1, self.n_heads, self.head_dim)
+            k = self.k_proj(h).view(-1, self.n_kv, self.head_dim)
+            v = self.v_proj(h).view(-1, self.n_kv, self.head_dim)
+            return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+
+        return block_forward(self.layer_id, x, self.attn_norm, qkv, self.attn_out, self.ff_norm, self.mlp)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ff_out(swiglu(self.ff_proj(h), self.up_proj(h)))
 
 
 class LLaDATransformer(nn.Module):
@@ -99,7 +99,7 @@ class LLaDATransformer(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                "wte": Embedding(cfg.vocab_size, cfg.hidden_size),
                 "blocks": nn.ModuleList(LLaDABlock(i, cfg) for i in range(cfg.num_layers)),
                 "ln_f": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
             }

@@ -246,3 +246,37 @@ def write_checkpoint(
     with (root / "model.safetensors.index.json").open("w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return root
+
+
+def write_word_tokenizer(path: str | os.PathLike, vocab_size: int, mask_id: int, eos_id: int, words: int = 200) -> None:
+    """A word-level tokenizer (``w0 w1 ...``) in the transformers format with a chat template, sized to
+    a random checkpoint, so that text prompts work end to end."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<|endoftext|>": eos_id, "<|mdm_mask|>": mask_id, "<unk>": 0, "<|user|>": 1, "<|assistant|>": 2}
+    vocab = dict(specials)
+    taken = set(vocab.values())
+    next_id = 3
+    for i in range(words):
+        while next_id in taken:
+            next_id += 1
+        if next_id >= vocab_size:
+            break
+        vocab[f"w{i}"] = next_id
+        taken.add(next_id)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+        "{% else %}<|assistant|> {{ m['content'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    fast.save_pretrained(str(path))

@@ -1,0 +1,150 @@
+"""Runs one engine step: packs the scheduled requests into one token stream, runs the model once (one
+forward per layer for the whole mixed batch), and returns the logits of each request's candidates.
+
+What a request computes is its step plan (refresh/base.py): a full pass over [prompt + response]
+(its first step, where the KV policy writes the kept prompt KV into pages; every step of 'none'; a
+refresh), or a cached step over part of its sequence that reads its pruned prompt pages (and whatever
+its refresh strategy caches). Logits are computed only for the positions it may commit this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maskkv_engine.attention.backend import AttentionBackend
+from maskkv_engine.attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
+from maskkv_engine.engine.block_manager import BlockManager
+from maskkv_engine.engine.scheduler import ScheduledRequest
+from maskkv_engine.engine.step_context import PlannedSequence, StepContext
+from maskkv_engine.kv.base import KVPolicy
+from maskkv_engine.kv.prefill_capture import CaptureTarget, PrefillCapture
+from maskkv_engine.models.config import DiffusionLMConfig
+
+
+@dataclass
+class StepResult:
+    positions: torch.Tensor  # [C] candidate positions of the request (absolute)
+    logits: torch.Tensor  # [C, V]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: DiffusionLMConfig,
+        backend: AttentionBackend,
+        block_manager: BlockManager | None,
+        policy: KVPolicy,
+        device: torch.device,
+    ):
+        self.model = model
+        self.config = model_config
+        self.backend = backend
+        self.block_manager = block_manager
+        self.policy = policy
+        self.device = device
+
+    @torch.no_grad()
+    def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
+        shift = 1 if self.config.logits_shift else 0
+        ids, pos, seq_lens, uses_pages = [], [], [], []
+        sequences: list[PlannedSequence] = []
+        logit_rows: list[torch.Tensor] = []
+        candidates: list[torch.Tensor] = []
+        targets: list[CaptureTarget] = []
+        row = 0
+        for item in scheduled:
+            req, plan = item.request, item.plan
+            cand = req.state.candidates(req.tokens, req.mask_id)
+            candidates.append(cand)
+            branches = [req.tokens]
+            if req.params.cfg_scale > 0:  # LLaDA's unconditional branch: the prompt masked out
+                uncond = req.tokens.clone()
+                uncond[: req.prompt_len] = req.mask_id
+                branches.append(uncond)
+            for b, tokens in enumerate(branches):
+                n = plan.end - plan.start
+                ids.append(tokens[plan.start : plan.end])
+                pos.append(torch.arange(plan.start, plan.end))
+                seq_lens.append(n)
+                uses_pages.append(plan.use_pages)
+                logit_rows.append(row + cand - shift - plan.start)
+                if b == 0 and (plan.capture or plan.rewrite):
+                    targets.append(
+                        CaptureTarget(
+                            req.request_id,
+                            row,
+                            req.policy_ctx,
+                            req.kv_plan,
+                            plan.capture and req.collect_stats,
+                            rewrite=plan.rewrite,
+                        )
+                    )
+                sequences.append(PlannedSequence(req.request_id, row, n, req.refresh_state if b == 0 else None))
+                row += n
+
+        meta = self._metadata(scheduled, seq_lens, uses_pages)
+        capture = PrefillCapture(self.policy, self.block_manager, targets) if targets else None
+        hooks = StepContext(sequences, meta, capture, self.block_manager)
+        input_ids = torch.cat(ids).to(self.device)
+        positions = torch.cat(pos).to(self.device)
+        with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
+            hidden = self.model(input_ids, positions)
+        hooks.finalize()
+        for t in targets:
+            if not t.rewrite:
+                self._request_by_id(scheduled, t.request_id).metrics.kv_tokens_kept = t.kept_tokens
+        all_rows = torch.cat(logit_rows).to(self.device)
+        logits = self.model.compute_logits(hidden[all_rows])
+        return self._split(scheduled, candidates, logits)
+
+    @staticmethod
+    def _request_by_id(scheduled, request_id):
+        return next(s.request for s in scheduled if s.request.request_id == request_id)
+
+    def _split(self, scheduled, candidates, logits) -> list[StepResult]:
+        results, offset = [], 0
+        for item, cand in zip(scheduled, candidates):
+            n = int(cand.numel())
+            out = logits[offset : offset + n]
+            offset += n
+            cfg = item.request.params.cfg_scale
+            if cfg > 0:
+                uncond = logits[offset : offset + n]
+                offset += n
+                out = uncond + (cfg + 1) * (out - uncond)
+            results.append(StepResult(positions=cand, logits=out))
+        return results
+
+    def _metadata(self, scheduled, seq_lens: list[int], uses_pages: list[bool]) -> AttentionMetadata:
+        bm = self.block_manager
+        if bm is None or not any(uses_pages):
+            return AttentionMetadata.build(seq_lens, self.device)
+        tables, lens = [], []
+        empty_table = torch.zeros(self.config.num_layers, self.config.num_kv_heads, 1, dtype=torch.long)
+        empty_lens = torch.zeros(self.config.num_layers, self.config.num_kv_heads, dtype=torch.long)
+        seq = 0
+        for item in scheduled:
+            n_branches = 2 if item.request.params.cfg_scale > 0 else 1
+            for _ in range(n_branches):
+                if uses_pages[seq]:
+                    kv = bm.request_kv(item.request.request_id)
+                    tables.append(kv.block_table())
+                    lens.append(kv.lens)
+                else:
+                    tables.append(empty_table)
+                    lens.append(empty_lens)
+                seq += 1
+        width = max(t.shape[-1] for t in tables)
+        padded = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tables], dim=1)
+        return AttentionMetadata.build(
+            seq_lens,
+            self.device,
+            block_tables=padded,  # [L, S, H_kv, P]
+            cached_lens=torch.stack(lens, dim=1),  # [L, S, H_kv]
+            k_pool=bm.k_pool,
+            v_pool=bm.v_pool,
+        )

@@ -1,0 +1,176 @@
+"""Runs a KV policy inside a request's first full pass and writes the kept prompt KV into pages.
+
+The step context hands it every layer's post-RoPE q/k/v of the whole packed batch. For each request being captured it scores the cached-prompt keys with the
+policy's observation queries, picks the top-k per KV head and stores them, then lets the layer's full
+KV go. With budgets known before the pass (a profile, or an allocator that needs none) this happens
+layer by layer; otherwise (online statistics) every layer's prompt KV is held until ``finalize``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from maskkv_engine.attention.hooks import StepHooks
+from maskkv_engine.engine.block_manager import BlockManager
+from maskkv_engine.kv.base import BudgetPlan, KVPolicy, ModelStats, PolicyContext
+
+
+@dataclass
+class CaptureTarget:
+    """One request captured in this pass: its rows in the packed stream and its plan."""
+
+    request_id: str
+    row_start: int
+    ctx: PolicyContext
+    plan: BudgetPlan | None  # None: decided at finalize from the request's own statistics
+    collect_stats: bool = False
+    rewrite: bool = False  # a refresh: rewrite the already kept tokens' K/V, choose nothing
+    kept_tokens: int = 0
+    # online buffers, per layer
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    importance: list[float] = field(default_factory=list)
+    preference: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_start + self.ctx.n_total)
+
+
+class PrefillCapture(StepHooks):
+    """Also usable on its own as the hooks of a plain full pass (calibration, tests)."""
+
+    def __init__(self, policy: KVPolicy, block_manager: BlockManager | None, targets: list[CaptureTarget]):
+        self.policy = policy
+        self.block_manager = block_manager
+        self.targets = targets
+
+    # ---- hooks called by the model ---------------------------------------------------------------
+    def prepare_attention(self, layer, q, k, v, meta):
+        self.on_qkv(layer, q, k, v)
+        return q, k, v, meta
+
+    def on_qkv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        held = 0
+        for t in self.targets:
+            if t.rewrite:
+                if self.block_manager is not None:
+                    n = t.ctx.n_cached
+                    self.block_manager.rewrite(t.request_id, layer, k[t.rows][:n], v[t.rows][:n])
+                continue
+            qs, ks, vs = q[t.rows], k[t.rows], v[t.rows]
+            scores, preference = self._score(qs, ks, t)
+            if t.collect_stats:
+                t.preference.append(preference)
+            if t.plan is not None:
+                self._keep(t, layer, ks, vs, scores, t.plan)
+            else:
+                n = t.ctx.n_cached
+                t.keys.append(ks[:n].clone())
+                t.values.append(vs[:n].clone())
+                t.scores.append(scores)
+            held += sum(x.numel() * x.element_size() for x in t.keys + t.values)
+        layer_kv = k.numel() * k.element_size() + v.numel() * v.element_size()
+        if self.block_manager is not None:
+            self.block_manager.set_transient_bytes(layer_kv + held)
+
+    def on_attention_residual(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        for t in self.targets:
+            if t.collect_stats:
+                cos = F.cosine_similarity(h_in[t.rows].float(), h_out[t.rows].float(), dim=-1)
+                t.importance.append(1.0 - float(cos.mean()))
+
+    def finalize(self) -> None:
+        """Decide online plans, write their pages, drop every full-KV buffer, return unused reservations."""
+        for t in self.targets:
+            if t.rewrite:
+                continue
+            if t.plan is None:
+                plan = self.policy.plan(t.ctx, self.stats(t))
+                for layer in range(t.ctx.num_layers):
+                    self._keep_selected(t, layer, t.keys[layer], t.values[layer], t.scores[layer], plan)
+                t.keys, t.values, t.scores = [], [], []
+            if self.block_manager is not None and self.block_manager.has_request(t.request_id):
+                self.block_manager.release_reservation(t.request_id)
+        if self.block_manager is not None:
+            self.block_manager.set_transient_bytes(0)
+
+    @staticmethod
+    def stats(t: CaptureTarget) -> ModelStats:
+        return ModelStats(
+            layer_importance=torch.tensor(t.importance, dtype=torch.float64),
+            prompt_preference=torch.stack(t.preference).double(),
+        )
+
+    # ---- scoring ---------------------------------------------------------------------------------
+    def _score(
+        self, qs: torch.Tensor, ks: torch.Tensor, t: CaptureTarget
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-KV-head scores of the cached keys [H_kv, n_cached] (None if the policy keeps everything),
+        and, when collecting statistics, each head's prompt preference [H_kv]."""
+        ctx = t.ctx
+        want_scores = self.policy.needs_scores
+        if not want_scores and not t.collect_stats:
+            return None, None
+        obs = self.policy.observation(ctx)
+        mask = ctx.mask_queries
+        n_kv = ks.shape[1]
+        group = qs.shape[1] // n_kv
+        scale = 1.0 / math.sqrt(qs.shape[-1])
+        compute = torch.float64 if qs.dtype == torch.float64 else torch.float32
+        scores = torch.empty(n_kv, ctx.n_cached, dtype=compute) if want_scores else None
+        preference = torch.empty(n_kv, dtype=torch.float64) if t.collect_stats else None
+        for h in range(n_kv):
+            keys = ks[:, h].to(compute)  # [N, D]
+            heads = slice(h * group, (h + 1) * group)
+
+            def probs_for(rows: slice, heads=heads, keys=keys) -> torch.Tensor:
+                qg = qs[rows, heads].to(compute).transpose(0, 1)  # [G, n_obs, D]
+                return torch.softmax(torch.matmul(qg, keys.t()) * scale, dim=-1)  # [G, n_obs, N]
+
+            probs = probs_for(obs) if want_scores else None
+            if want_scores:
+                scores[h] = self.policy.score(probs, ctx).cpu()
+            if t.collect_stats:
+                mprobs = probs if (want_scores and obs == mask) else probs_for(mask)
+                # share of the mask queries' attention mass on the (cacheable) prompt keys
+                preference[h] = float(mprobs[:, :, : ctx.n_cached].sum(-1).mean())
+        return scores, preference
+
+    # ---- selection and storage -------------------------------------------------------------------
+    def _keep(self, t: CaptureTarget, layer: int, ks, vs, scores, plan: BudgetPlan) -> None:
+        n = t.ctx.n_cached
+        self._keep_selected(t, layer, ks[:n], vs[:n], scores, plan)
+
+    def _keep_selected(self, t: CaptureTarget, layer: int, kc, vc, scores, plan: BudgetPlan) -> None:
+        """kc, vc: [n_cached, H_kv, D] of one layer; store the top-``budget`` of each head."""
+        if plan.per_head is not None:
+            lens = plan.per_head[layer]
+        else:
+            lens = self.policy.split_heads(layer, int(plan.per_layer[layer]), scores, t.ctx)
+        lens = lens.clamp(0, t.ctx.n_cached).to(torch.long)
+        n_kv, d = kc.shape[1], kc.shape[2]
+        width = max(int(lens.max()), 1)
+        k_rows = kc.new_zeros(n_kv, width, d)
+        v_rows = vc.new_zeros(n_kv, width, d)
+        positions = torch.zeros(n_kv, width, dtype=torch.long)
+        for h in range(n_kv):
+            keep = int(lens[h])
+            if keep == 0:
+                continue
+            if scores is None or keep >= t.ctx.n_cached:
+                idx = torch.arange(keep)
+            else:
+                idx = torch.topk(scores[h], keep).indices.sort().values
+            positions[h, :keep] = idx
+            idx = idx.to(kc.device)
+            k_rows[h, :keep] = kc[idx, h]
+            v_rows[h, :keep] = vc[idx, h]
+        t.kept_tokens += int(lens.sum())
+        if self.block_manager is not None:
+            self.block_manager.store(t.request_id, layer, k_rows, v_rows, lens, positions)

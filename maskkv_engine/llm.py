@@ -1,0 +1,148 @@
+"""LLM: the offline entry point, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from maskkv_engine.config import EngineConfig
+from maskkv_engine.engine.llm_engine import LLMEngine, PromptType
+from maskkv_engine.outputs import RequestOutput
+from maskkv_engine.sampling_params import SamplingParams
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+
+
+def default_model_path() -> str:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"no model given and the embedded default model is missing at {DEFAULT_MODEL_DIR}")
+    return str(DEFAULT_MODEL_DIR)
+
+
+class LLM:
+    """Offline batch inference for diffusion LMs with pruned, paged KV.
+
+    >>> llm = LLM("path/to/LLaDA-8B-Instruct", kv_policy="maskkv", kv_budget=256)
+    >>> out = llm.generate(["Who wrote Hamlet?"], SamplingParams(gen_length=64, block_length=32))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        kv_policy: str = "maskkv",
+        kv_budget: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        skip_tokenizer_init: bool = False,
+        **engine_options: Any,
+    ):
+        config = EngineConfig.from_kwargs(
+            str(model) if model is not None else default_model_path(),
+            kv_policy=kv_policy,
+            kv_budget=kv_budget,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            skip_tokenizer_init=skip_tokenizer_init,
+            **engine_options,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt, batched; outputs in prompt order.
+
+        prompts: a string, a list of strings, a ``{"prompt_token_ids": [...]}`` dict or a list of them.
+        sampling_params: one for all prompts, or a list with one per prompt.
+        """
+        prompts = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence):
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"got {len(params)} sampling_params for {len(prompts)} prompts: give one, or one per prompt"
+                )
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:  # validate every prompt before any work starts
+            for prompt, sp in zip(prompts, params):
+                rid = f"gen-{next(self._ids)}"
+                engine.add_request(rid, prompt, sp)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[rid] for rid in ids]
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Watch one request denoise: yields its state after every step (``canvas_token_ids`` /
+        ``canvas_text`` show the masks still left); the last item is the finished output."""
+        rid = f"stream-{next(self._ids)}"
+        engine = self.llm_engine
+        engine.add_request(rid, prompt, sampling_params)
+        try:
+            while True:
+                for out in engine.step(intermediate=True):
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:  # a caller that stops iterating early must not leave the request holding pages
+            engine.abort_request(rid)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them), then generate."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no tokenizer with a chat template; use generate()")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(conv), "prompt": None} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if all(isinstance(t, int) for t in prompts):
+            raise ValueError("a bare list of ints is ambiguous: pass {'prompt_token_ids': [...]} for token ids")
+        return list(prompts)
+    raise TypeError(f"prompts must be a string, a dict, or a list of them; got {type(prompts).__name__}")

@@ -1,0 +1,41 @@
+"""The transformer block flow shared by LLaDA and Dream, with the step's hooks in their places.
+
+Pre-norm: x1 = x + out_proj(attention(rope(qkv(norm1(x))))); out = x1 + mlp(norm2(x1)). q/k/v are
+projected for every packed row (refresh strategies compare or reuse them); attention and MLP run for
+the rows the step recomputes, and ``merge`` fills the other rows from their caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from maskkv_engine.attention.backend import attention
+from maskkv_engine.attention.metadata import get_forward_context
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def block_forward(
+    layer: int,
+    x: torch.Tensor,
+    norm1: Callable[[torch.Tensor], torch.Tensor],
+    qkv: Callable[[torch.Tensor], QKV],
+    out_proj: Callable[[torch.Tensor], torch.Tensor],
+    norm2: Callable[[torch.Tensor], torch.Tensor],
+    mlp: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    hooks = get_forward_context().hooks
+    q, k, v = qkv(norm1(x))  # post-RoPE, [T, H, D]
+    o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
+    rows = hooks.rows(layer) if hooks is not None else None
+    x_rows = x if rows is None else x[rows]
+    a = out_proj(o.reshape(o.shape[0], -1))
+    x1 = x_rows + a
+    if hooks is not None:
+        hooks.on_attention_residual(layer, x_rows, x1)
+    m = mlp(norm2(x1))
+    if hooks is None:
+        return x1 + m
+    return hooks.merge(layer, x, rows, x1, a, m)

@@ -1,0 +1,83 @@
+"""Fast-dLLM's block-wise approximate KV cache (NVlabs/Fast-dLLM), on top of the pruned prompt pages.
+
+At each block boundary, fused with the block's first decoding step, one full pass recomputes the
+whole sequence: it rewrites the kept prompt tokens' K/V in their pages (the prompt is not re-pruned:
+evicted tokens stay evicted) and caches the K/V of the response outside the current block. Within the
+block, each step recomputes:
+* ``fast_dllm`` (prefix cache): the current block and the whole masked suffix, with the committed
+  blocks' K/V from the cache;
+* ``fast_dllm_dual`` (DualCache): the current block only, with the committed blocks and the masked
+  suffix from the cache (stale since the block started).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maskkv_engine.refresh.base import RefreshState, RefreshStrategy, StepPlan
+
+
+class FastDLLMState(RefreshState):
+    def __init__(self, request, dual: bool):
+        super().__init__(request)
+        self.dual = dual
+        self.cached_block = -1
+        self.planned_block = 0
+        self.cache_k: dict[int, torch.Tensor] = {}  # layer -> [n, H_kv, D] K of the cached response positions
+        self.cache_v: dict[int, torch.Tensor] = {}
+        self.cached_positions = torch.zeros(0, dtype=torch.long)
+
+    def _span(self) -> tuple[int, int, int]:
+        """(stream start, stream end, block start) for the current block."""
+        r = self.request
+        shift = 1 if r.logits_shift else 0
+        block_start, block_end = r.state.block_range
+        return block_start - shift, (block_end if self.dual else r.num_tokens), block_start
+
+    def plan_step(self) -> StepPlan:
+        """Idempotent until the step runs: a block boundary is a full pass, then in-block steps."""
+        r = self.request
+        start, end, _ = self._span()
+        self.planned_block = r.state.block
+        if not r.kv_ready or r.state.block != self.cached_block:
+            self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=not r.kv_ready, rewrite=r.kv_ready)
+        else:
+            self.plan = StepPlan(start, end, use_pages=True)
+        return self.plan
+
+    def prepare(self, layer, q, k, v):
+        if self.plan.full_pass:  # the boundary pass: cache the response outside the block (absolute positions)
+            start, end, _ = self._span()
+            positions = [torch.arange(self.request.n_cached, start)]
+            if self.dual:
+                positions.append(torch.arange(end, self.request.num_tokens))
+            self.cached_positions = torch.cat(positions).to(k.device)
+            self.cache_k[layer] = k[self.cached_positions].clone()
+            self.cache_v[layer] = v[self.cached_positions].clone()
+            return k, v, None, None
+        if self.cached_positions.numel() == 0:
+            return k, v, None, None
+        return k, v, self.cache_k[layer], self.cache_v[layer]
+
+    def after_step(self, num_layers, committed) -> None:
+        super().after_step(num_layers, committed)
+        if self.plan.full_pass:  # the cache now holds what this block's boundary pass saw
+            self.cached_block = self.planned_block
+
+
+@dataclass
+class FastDLLM(RefreshStrategy):
+    name = "fast_dllm"
+
+    def new_state(self, request) -> RefreshState:
+        return FastDLLMState(request, dual=False)
+
+
+@dataclass
+class FastDLLMDual(RefreshStrategy):
+    name = "fast_dllm_dual"
+
+    def new_state(self, request) -> RefreshState:
+        return FastDLLMState(request, dual=True)
