@@ -4,11 +4,14 @@
 
 Recipe (../shared TRAINING_NOTES, measured on a 2-core CPU): d_model 128, 2 layers, 2 heads, tied
 embeddings, every matrix N(0, 0.02), the suite's word-level tokenizer (disjoint id ranges for
-filler, keys, values, ids), LLaDA's SFT loss on the response only, about 4k tokens per batch,
+filler, keys, values, ids), LLaDA's SFT loss on the response only, 4k tokens per batch,
 AdamW lr 3e-3 (betas 0.9/0.95, no weight decay, warmup, cosine), and a length curriculum that
 reaches the target length early while half the batches stay shorter.
-On top: an auxiliary loss that labels the answer at the question's key position (one attention
-hop closer to the key than the masked answer slot), annealed to zero before the end.
+On top, for the key-matching tasks (training-only losses, annealed to zero by 40-50% of the steps, so the
+rest trains on LLaDA's loss alone): "hop hints" ask the first block's output to hold, at each record
+value, its key (two tokens back) and, at each masked answer slot, the asked key; a "probe" asks
+head 0 of the last block to attend from each masked answer slot to the record that holds its
+answer; and an auxiliary loss labels the answer at the question's key position.
 The schedule is by steps (reproducible with the seed); --minutes only stops a run that overruns.
 """
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.default_model.batches import make_batch
 from benchmarks.default_model.evaluate import evaluate, format_table
-from benchmarks.default_model.model import LLaDA, ModelConfig, save_checkpoint
+from benchmarks.default_model.model import LLaDA, ModelConfig, apply_rope, rope_cos_sin, save_checkpoint
 from benchmarks.longctx import TASKS, build_tokenizer, generate_suite
 
 EVAL_LENGTHS = [256, 512, 1024, 2048]
@@ -46,10 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--minutes", type=float, default=85.0, help="stop (and still save) past this wall time")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated training tasks")
-    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument(
+        "--task-curriculum",
+        default="0:single_needle,0.1:" + "+".join(TASKS),
+        help="fraction:task+task stages (the first stage forms the find-and-copy circuit alone)",
+    )
+    p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--d-model", type=int, default=128)
@@ -58,18 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument(
         "--curriculum",
-        default="0:128,0.15:256,0.3:512,0.5:1024",
+        default="0:96,0.1:128,0.2:256,0.35:512,0.5:1024",
         help="fraction:max_prompt_tokens stages; half the batches use the stage's top length range",
     )
+    p.add_argument("--extras-from", type=float, default=0.1, help="fraction of steps where the extra losses start")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the key-position answer loss")
-    p.add_argument("--aux-until", type=float, default=0.6, help="fraction of steps where aux reaches 0")
+    p.add_argument("--aux-until", type=float, default=0.5, help="fraction of steps where aux reaches 0")
     p.add_argument("--hint-weight", type=float, default=1.0, help="weight of the early-layer hop hints")
-    p.add_argument("--hint-until", type=float, default=0.5, help="fraction of steps where hints reach 0")
+    p.add_argument("--hint-until", type=float, default=0.4, help="fraction of steps where hints reach 0")
+    p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the last-layer attention target")
+    p.add_argument("--probe-until", type=float, default=0.4, help="fraction of steps where it reaches 0")
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=50, help="samples per (task, length) in the final eval")
     p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core CPU a 2nd thread was 7x slower")
     return p.parse_args(argv)
 
 
@@ -77,6 +87,13 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def ramp_down(frac: float, start: float, end: float) -> float:
+    """0 before `start`, then 1 falling linearly to 0 at `end`."""
+    if frac < start or end <= start:
+        return 0.0
+    return max(0.0, 1.0 - (frac - start) / (end - start))
 
 
 def length_at(rng: random.Random, frac: float, stages: list[tuple[float, int]]) -> int:
@@ -87,7 +104,24 @@ def length_at(rng: random.Random, frac: float, stages: list[tuple[float, int]]) 
     return rng.randint(64, top)
 
 
-def loss_fn(model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hint_weight: float = 0.0):
+def probe_loss(model: LLaDA, batch, hidden: torch.Tensor) -> torch.Tensor:
+    """-log(attention mass) that head 0 of the last block puts, from each masked answer slot, on the
+    prompt positions holding that slot's answer in a record of the asked key."""
+    block = model.model.transformer["blocks"][-1]
+    hd = model.cfg.head_dim
+    h = block.attn_norm(hidden)
+    rows, cols = batch.probe_rows, batch.probe_cols
+    cos, sin = rope_cos_sin(torch.arange(h.shape[1]), hd, model.cfg.rope_theta)
+    q = apply_rope(block.q_proj(h[rows, cols])[:, None, None, :hd], cos[cols][:, None, None], sin[cols][:, None, None])
+    k = apply_rope(block.k_proj(h[rows])[:, None, :, :hd], cos, sin)  # [N, 1, T, hd]
+    logp = torch.log_softmax((q @ k.transpose(-1, -2)).squeeze(1).squeeze(1) / math.sqrt(hd), dim=-1)
+    return -torch.logsumexp(logp.masked_fill(~batch.probe_targets, -float("inf")), dim=-1).mean()
+
+
+def loss_fn(
+    model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hint_weight: float = 0.0, probe_weight=0.0
+):
+    n_layers = model.cfg.n_layers
     logits, hidden = model(batch.ids, hidden_after=0)
     hint = torch.zeros(())
     hinted = batch.hint_target >= 0
@@ -96,6 +130,11 @@ def loss_fn(model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hi
         loss_hint = hint_weight * hint
     else:
         loss_hint = 0.0
+    probe = torch.zeros(())
+    if probe_weight > 0 and len(batch.probe_rows):
+        _, before_last = model(batch.ids, hidden_after=n_layers - 2) if n_layers > 2 else (None, hidden)
+        probe = probe_loss(model, batch, before_last)
+        loss_hint = loss_hint + probe_weight * probe
     ce = F.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
     p = batch.p_mask[:, None].expand_as(batch.masked)[batch.masked]
     loss = (ce / p).sum() / (batch.ids.shape[0] * batch.response_len)
@@ -113,7 +152,7 @@ def loss_fn(model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hi
         pred = logits.argmax(-1)
         slot_ok = ((pred == batch.targets) & batch.masked & batch.answer_slot).sum(1)
         slot_n = (batch.masked & batch.answer_slot).sum(1)
-    return loss, aux.detach(), hint.detach(), slot_ok, slot_n
+    return loss, aux.detach(), hint.detach(), probe.detach(), slot_ok, slot_n
 
 
 def main(argv=None) -> None:
@@ -140,7 +179,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, vocab {cfg.vocab_size} (embedding {cfg.embedding_size})", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    tasks = args.tasks.split(",")
+    task_stages = [(float(f), t.split("+")) for f, t in (s.split(":") for s in args.task_curriculum.split(","))]
+    all_tasks = list(dict.fromkeys(t for _, ts in task_stages for t in ts))
     stages = [(float(f), int(n)) for f, n in (s.split(":") for s in args.curriculum.split(","))]
 
     start = time.time()
@@ -151,30 +191,32 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         frac = step / args.steps
         length = length_at(rng, frac, stages)
+        tasks = [ts for f, ts in task_stages if f <= frac][-1]
         batch = make_batch(rng, tokenizer, tasks, length, max(1, args.batch_tokens // length), mask_id, eos_id)
-        aux_w = args.aux_weight * max(0.0, 1.0 - frac / args.aux_until) if args.aux_until > 0 else 0.0
+        aux_w = args.aux_weight * ramp_down(frac, args.extras_from, args.aux_until)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        hint_w = args.hint_weight * max(0.0, 1.0 - frac / args.hint_until) if args.hint_until > 0 else 0.0
-        loss, aux, hint, slot_ok, slot_n = loss_fn(model, batch, aux_w, args.aux_causal, hint_w)
+        hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
+        probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
+        loss, aux, hint, probe, slot_ok, slot_n = loss_fn(model, batch, aux_w, args.aux_causal, hint_w, probe_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append((loss.item(), aux.item(), hint.item()))
+        losses.append((loss.item(), aux.item(), hint.item(), probe.item()))
         for task, ok, n in zip(batch.tasks, slot_ok.tolist(), slot_n.tolist()):
             if n:
                 window[task].append((ok, n))
         elapsed = time.time() - start
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
-            l_avg, a_avg, h_avg = (sum(v) / len(losses) for v in zip(*losses))
+            l_avg, a_avg, h_avg, p_avg = (sum(v) / len(losses) for v in zip(*losses))
             accs = " ".join(
                 f"{SHORT.get(t, t)}={sum(o for o, _ in window[t]) / max(1, sum(n for _, n in window[t])):.2f}"
-                for t in tasks
+                for t in all_tasks
             )
             print(
                 f"step {step + 1} {elapsed:.0f}s len<={max(n for f, n in stages if f <= frac)} "
-                f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) slot-acc {accs}",
+                f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) probe {p_avg:.2f} slot-acc {accs}",
                 flush=True,
             )
         if (step + 1) % 1000 == 0:  # a checkpoint to resume from by hand if the run is killed

@@ -68,3 +68,24 @@ def test_tokenizer_loads_offline_with_chat_template():
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == "what is the magic number for tiger ?"
     assert tok.unk_token_id not in ids and max(ids) < cfg["vocab_size"] <= cfg["embedding_size"]
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    from maskkv_engine import LLM
+
+    return LLM(kv_policy="full")  # no model given: the embedded default model
+
+
+@pytest.mark.parametrize("length", [256, 1024])
+def test_default_model_finds_the_needle(default_llm, length):
+    """Fixed single-needle samples (the suite's generator, seed 7), full cache, reference decoding."""
+    from benchmarks.longctx import generate_suite
+    from maskkv_engine import SamplingParams
+
+    samples = generate_suite(["single_needle"], [length], 8, seed=7, tokenizer=default_llm.tokenizer)
+    outs = default_llm.generate(
+        [{"prompt_token_ids": s.prompt_token_ids} for s in samples], SamplingParams(gen_length=4), use_tqdm=False
+    )
+    got = [o.outputs[0].token_ids for o in outs]
+    assert sum(g == s.answer_token_ids for g, s in zip(got, samples)) >= 7, got

@@ -29,6 +29,9 @@ class Batch:
     query_pos: torch.Tensor  # [B] position of the question's key in the prompt (-1: none)
     tasks: list[str]
     hint_target: torch.Tensor  # [B, T] token an early layer should hold at each position (-100: none)
+    probe_rows: torch.Tensor  # [N] sample of each supervised answer slot
+    probe_cols: torch.Tensor  # [N] its position
+    probe_targets: torch.Tensor  # [N, T] bool, the prompt positions the last layer should read there
 
 
 def make_batch(
@@ -68,6 +71,8 @@ def make_batch(
     masked[:, length:] = u < p_mask[:, None]
     ids = torch.where(masked, torch.full_like(targets, mask_id), targets)
     query = torch.tensor(query)
+    slot_mask = masked & torch.tensor(slots)
+    probe_rows, probe_cols, probe_targets = answer_sources(tokenizer, targets, length, slot_mask, query)
     return Batch(
         ids=ids,
         targets=targets,
@@ -77,7 +82,10 @@ def make_batch(
         answer_slot=torch.tensor(slots),
         query_pos=query,
         tasks=[s.task for s in samples],
-        hint_target=hop_hints(tokenizer, targets, length, masked & torch.tensor(slots), query),
+        hint_target=hop_hints(tokenizer, targets, length, slot_mask, query),
+        probe_rows=probe_rows,
+        probe_cols=probe_cols,
+        probe_targets=probe_targets,
     )
 
 
@@ -116,3 +124,21 @@ def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor,
     key[rows] = tokens[rows, query[rows]]
     hint = torch.where(slots, key[:, None].expand_as(hint), hint)
     return hint
+
+
+def answer_sources(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):
+    """For each masked answer slot of a keyed sample, the prompt positions holding its answer in a
+    record of the asked key (`K is V`, `K : V`): where the last layer should attend to copy it.
+    Slots whose answer has no such record (variable tracking, common words) are left out."""
+    rows, cols = slots.nonzero(as_tuple=True)
+    keep = query[rows] >= 0
+    rows, cols = rows[keep], cols[keep]
+    if len(rows) == 0:
+        return rows, cols, torch.zeros(0, tokens.shape[1], dtype=torch.bool)
+    prompt = tokens[rows, :length]
+    key = tokens[rows, query[rows]]
+    answer = tokens[rows, cols]
+    targets = torch.zeros(len(rows), tokens.shape[1], dtype=torch.bool)
+    targets[:, 2:length] = (prompt[:, 2:] == answer[:, None]) & (prompt[:, :-2] == key[:, None])
+    found = targets.any(1)
+    return rows[found], cols[found], targets[found]

@@ -40,6 +40,21 @@ def evaluate(model, samples: list[Sample], mask_id: int, eos_id: int, batch_toke
     return {k: sum(v) / len(v) for k, v in sorted(correct.items())}
 
 
+def evaluate_engine(llm, samples: list[Sample], batch: int = 64) -> dict:
+    """{(task, length): accuracy} through maskkv_engine's LLM (whatever kv_policy it was built with),
+    with the same decoding: greedy low-confidence, gen_length = steps = block_length."""
+    from maskkv_engine import SamplingParams
+
+    correct: dict[tuple, list[bool]] = defaultdict(list)
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        params = [SamplingParams(gen_length=len(s.answer_token_ids) + EXTRA_EOS) for s in chunk]
+        outs = llm.generate([{"prompt_token_ids": s.prompt_token_ids} for s in chunk], params, use_tqdm=False)
+        for s, out in zip(chunk, outs):
+            correct[(s.task, s.length)].append(list(out.outputs[0].token_ids) == s.answer_token_ids)
+    return {k: sum(v) / len(v) for k, v in sorted(correct.items())}
+
+
 def format_table(acc: dict, lengths: list[int]) -> str:
     """A markdown table: one row per task, one column per prompt length."""
     tasks = sorted({t for t, _ in acc}, key=lambda t: list(dict.fromkeys(t for t, _ in acc)).index(t))
@@ -65,14 +80,23 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", default="256,512,1024,2048")
     p.add_argument("--n", type=int, default=50, help="samples per (task, length)")
     p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--kv-policy",
+        default=None,
+        help="run through maskkv_engine.LLM with this kv_policy (e.g. full); default: this module's decoder",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
-    model = load_checkpoint(args.model)
     lengths = [int(n) for n in args.lengths.split(",")]
     suite = generate_suite(args.tasks.split(","), lengths, args.n, args.seed, tokenizer)
-    acc = evaluate(model, suite, tokenizer.mask_token_id, tokenizer.eos_token_id)
+    if args.kv_policy:
+        from maskkv_engine import LLM
+
+        acc = evaluate_engine(LLM(model=args.model, kv_policy=args.kv_policy), suite)
+    else:
+        acc = evaluate(load_checkpoint(args.model), suite, tokenizer.mask_token_id, tokenizer.eos_token_id)
     print(format_table(acc, lengths))
 
 
