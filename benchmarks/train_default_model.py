@@ -49,11 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--minutes", type=float, default=85.0, help="stop (and still save) past this wall time")
     p.add_argument(
         "--task-curriculum",
-        default="0:single_needle,0.1:" + "+".join(TASKS),
+        default="0:single_needle,0.15:single_needle+single_needle+multi_key+multi_value",
         help="fraction:task+task stages (the first stage forms the find-and-copy circuit alone)",
     )
     p.add_argument("--batch-tokens", type=int, default=4096)
@@ -65,16 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument(
         "--curriculum",
-        default="0:96,0.1:128,0.2:256,0.35:512,0.5:1024",
+        default="0:96,0.15:128,0.3:256,0.5:512",
         help="fraction:max_prompt_tokens stages; half the batches use the stage's top length range",
     )
-    p.add_argument("--extras-from", type=float, default=0.1, help="fraction of steps where the extra losses start")
-    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the key-position answer loss")
-    p.add_argument("--aux-until", type=float, default=0.5, help="fraction of steps where aux reaches 0")
-    p.add_argument("--hint-weight", type=float, default=1.0, help="weight of the early-layer hop hints")
-    p.add_argument("--hint-until", type=float, default=0.4, help="fraction of steps where hints reach 0")
-    p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the last-layer attention target")
-    p.add_argument("--probe-until", type=float, default=0.4, help="fraction of steps where it reaches 0")
+    p.add_argument("--extras-from", type=float, default=0.15, help="fraction of steps where the extra losses start")
+    p.add_argument("--aux-weight", type=float, default=0.0, help="weight of the key-position answer loss")
+    p.add_argument("--aux-until", type=float, default=0.55, help="fraction of steps where aux reaches 0")
+    p.add_argument("--hint-weight", type=float, default=0.0, help="weight of the early-layer hop hints")
+    p.add_argument("--hint-until", type=float, default=0.45, help="fraction of steps where hints reach 0")
+    p.add_argument("--probe-weight", type=float, default=0.0, help="weight of the last-layer attention target")
+    p.add_argument("--probe-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=50, help="samples per (task, length) in the final eval")
