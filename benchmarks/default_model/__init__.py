@@ -1,0 +1,1 @@
+"""Training, decoding and evaluation code for the shipped default model (maskkv_engine/assets/default_model)."""

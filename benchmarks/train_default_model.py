@@ -1,0 +1,254 @@
+"""Train the shipped default model: a small LLaDA on the synthetic long-context suite, on a CPU.
+
+    python -m benchmarks.train_default_model --out benchmarks/out/default_model
+
+Recipe (../shared TRAINING_NOTES, measured on a 2-core CPU): d_model 128, 2 layers, 2 heads, tied
+embeddings, every matrix N(0, 0.02), the suite's word-level tokenizer (disjoint id ranges for
+filler, keys, values, ids), LLaDA's SFT loss on the response only, 4k tokens per batch,
+AdamW lr 3e-3 (betas 0.9/0.95, no weight decay, warmup, cosine), and a length curriculum that
+reaches the target length early while half the batches stay shorter.
+On top, for the key-matching tasks (training-only losses, annealed to zero by 40-50% of the steps, so the
+rest trains on LLaDA's loss alone): "hop hints" ask the first block's output to hold, at each record
+value, its key (two tokens back) and, at each masked answer slot, the asked key; a "probe" asks
+head 0 of the last block to attend from each masked answer slot to the record that holds its
+answer; and an auxiliary loss labels the answer at the question's key position.
+The schedule is by steps (reproducible with the seed); --minutes only stops a run that overruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.default_model.batches import make_batch
+from benchmarks.default_model.evaluate import evaluate, format_table
+from benchmarks.default_model.model import LLaDA, ModelConfig, apply_rope, rope_cos_sin, save_checkpoint
+from benchmarks.longctx import TASKS, build_tokenizer, generate_suite
+
+EVAL_LENGTHS = [256, 512, 1024, 2048]
+SHORT = {
+    "single_needle": "sn",
+    "multi_key": "mk",
+    "multi_value": "mv",
+    "kv_retrieval": "kv",
+    "variable_tracking": "vt",
+    "common_words": "cw",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--minutes", type=float, default=85.0, help="stop (and still save) past this wall time")
+    p.add_argument(
+        "--task-curriculum",
+        default="0:single_needle,0.15:single_needle+single_needle+multi_key+multi_value",
+        help="fraction:task+task stages (the first stage forms the find-and-copy circuit alone)",
+    )
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--n-heads", type=int, default=2)
+    p.add_argument("--mlp", type=int, default=384)
+    p.add_argument(
+        "--curriculum",
+        default="0:96,0.15:128,0.3:256,0.5:512",
+        help="fraction:max_prompt_tokens stages; half the batches use the stage's top length range",
+    )
+    p.add_argument("--extras-from", type=float, default=0.15, help="fraction of steps where the extra losses start")
+    p.add_argument("--aux-weight", type=float, default=0.0, help="weight of the key-position answer loss")
+    p.add_argument("--aux-until", type=float, default=0.55, help="fraction of steps where aux reaches 0")
+    p.add_argument("--hint-weight", type=float, default=0.0, help="weight of the early-layer hop hints")
+    p.add_argument("--hint-until", type=float, default=0.45, help="fraction of steps where hints reach 0")
+    p.add_argument("--probe-weight", type=float, default=0.0, help="weight of the last-layer attention target")
+    p.add_argument("--probe-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
+    p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=50, help="samples per (task, length) in the final eval")
+    p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))
+    p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core CPU a 2nd thread was 7x slower")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def ramp_down(frac: float, start: float, end: float) -> float:
+    """0 before `start`, then 1 falling linearly to 0 at `end`."""
+    if frac < start or end <= start:
+        return 0.0
+    return max(0.0, 1.0 - (frac - start) / (end - start))
+
+
+def length_at(rng: random.Random, frac: float, stages: list[tuple[float, int]]) -> int:
+    """Half the batches at the stage's top range (its max / 2 .. max), half anywhere from 64."""
+    top = max(n for f, n in stages if f <= frac)
+    if rng.random() < 0.5:
+        return rng.randint(max(64, top // 2), top)
+    return rng.randint(64, top)
+
+
+def probe_loss(model: LLaDA, batch, hidden: torch.Tensor) -> torch.Tensor:
+    """-log(attention mass) that head 0 of the last block puts, from each masked answer slot, on the
+    prompt positions holding that slot's answer in a record of the asked key."""
+    block = model.model.transformer["blocks"][-1]
+    hd = model.cfg.head_dim
+    h = block.attn_norm(hidden)
+    rows, cols = batch.probe_rows, batch.probe_cols
+    cos, sin = rope_cos_sin(torch.arange(h.shape[1]), hd, model.cfg.rope_theta)
+    q = apply_rope(block.q_proj(h[rows, cols])[:, None, None, :hd], cos[cols][:, None, None], sin[cols][:, None, None])
+    k = apply_rope(block.k_proj(h[rows])[:, None, :, :hd], cos, sin)  # [N, 1, T, hd]
+    logp = torch.log_softmax((q @ k.transpose(-1, -2)).squeeze(1).squeeze(1) / math.sqrt(hd), dim=-1)
+    return -torch.logsumexp(logp.masked_fill(~batch.probe_targets, -float("inf")), dim=-1).mean()
+
+
+def loss_fn(
+    model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hint_weight: float = 0.0, probe_weight=0.0
+):
+    n_layers = model.cfg.n_layers
+    logits, hidden = model(batch.ids, hidden_after=0)
+    hint = torch.zeros(())
+    hinted = batch.hint_target >= 0
+    if hint_weight > 0 and hinted.any():
+        hint = F.cross_entropy(model.lm_head(hidden[hinted]), batch.hint_target[hinted])
+        loss_hint = hint_weight * hint
+    else:
+        loss_hint = 0.0
+    probe = torch.zeros(())
+    if probe_weight > 0 and len(batch.probe_rows):
+        _, before_last = model(batch.ids, hidden_after=n_layers - 2) if n_layers > 2 else (None, hidden)
+        probe = probe_loss(model, batch, before_last)
+        loss_hint = loss_hint + probe_weight * probe
+    ce = F.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
+    p = batch.p_mask[:, None].expand_as(batch.masked)[batch.masked]
+    loss = (ce / p).sum() / (batch.ids.shape[0] * batch.response_len)
+    aux = torch.zeros(())
+    has_q = batch.query_pos >= 0
+    if has_q.any():
+        n = batch.ids.shape[1] - batch.response_len  # prompt length
+        rows = has_q.nonzero().squeeze(1)
+        aux_logits = model(batch.ids[rows], causal=True) if aux_causal and aux_weight > 0 else logits[rows]
+        aux = F.cross_entropy(aux_logits[torch.arange(len(rows)), batch.query_pos[rows]], batch.targets[rows, n])
+    if aux_weight > 0:
+        loss = loss + aux_weight * aux
+    loss = loss + loss_hint
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        slot_ok = ((pred == batch.targets) & batch.masked & batch.answer_slot).sum(1)
+        slot_n = (batch.masked & batch.answer_slot).sum(1)
+    return loss, aux.detach(), hint.detach(), probe.detach(), slot_ok, slot_n
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the Rust thread pool only contends here
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = build_tokenizer()
+    mask_id, eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
+    cfg = ModelConfig(
+        vocab_size=len(tokenizer),
+        embedding_size=64 * math.ceil(len(tokenizer) / 64),
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_heads,
+        mlp_hidden_size=args.mlp,
+        mask_token_id=mask_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    model = LLaDA(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M, vocab {cfg.vocab_size} (embedding {cfg.embedding_size})", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    task_stages = [(float(f), t.split("+")) for f, t in (s.split(":") for s in args.task_curriculum.split(","))]
+    all_tasks = list(dict.fromkeys(t for _, ts in task_stages for t in ts))
+    stages = [(float(f), int(n)) for f, n in (s.split(":") for s in args.curriculum.split(","))]
+
+    start = time.time()
+    window: dict[str, deque] = defaultdict(lambda: deque(maxlen=2000))
+    losses: deque = deque(maxlen=args.log_every)
+    step = 0
+    model.train()
+    for step in range(args.steps):
+        frac = step / args.steps
+        length = length_at(rng, frac, stages)
+        tasks = [ts for f, ts in task_stages if f <= frac][-1]
+        batch = make_batch(rng, tokenizer, tasks, length, max(1, args.batch_tokens // length), mask_id, eos_id)
+        aux_w = args.aux_weight * ramp_down(frac, args.extras_from, args.aux_until)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
+        probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
+        loss, aux, hint, probe, slot_ok, slot_n = loss_fn(model, batch, aux_w, args.aux_causal, hint_w, probe_w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append((loss.item(), aux.item(), hint.item(), probe.item()))
+        for task, ok, n in zip(batch.tasks, slot_ok.tolist(), slot_n.tolist()):
+            if n:
+                window[task].append((ok, n))
+        elapsed = time.time() - start
+        if (step + 1) % args.log_every == 0 or step == args.steps - 1:
+            l_avg, a_avg, h_avg, p_avg = (sum(v) / len(losses) for v in zip(*losses))
+            accs = " ".join(
+                f"{SHORT.get(t, t)}={sum(o for o, _ in window[t]) / max(1, sum(n for _, n in window[t])):.2f}"
+                for t in all_tasks
+            )
+            print(
+                f"step {step + 1} {elapsed:.0f}s len<={max(n for f, n in stages if f <= frac)} "
+                f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) probe {p_avg:.2f} slot-acc {accs}",
+                flush=True,
+            )
+        if (step + 1) % 1000 == 0:  # a checkpoint to resume from by hand if the run is killed
+            save_checkpoint(model, Path(args.out) / "partial")
+        if elapsed > args.minutes * 60:
+            print(f"stopping at step {step + 1}: past --minutes {args.minutes}", flush=True)
+            break
+    train_s = time.time() - start
+
+    out = Path(args.out)
+    save_checkpoint(model, out)
+    tokenizer_dir = out
+    from benchmarks.longctx import save_tokenizer
+
+    save_tokenizer(tokenizer_dir)
+    lengths = [int(n) for n in args.eval_lengths.split(",")]
+    suite = generate_suite(list(TASKS), lengths, args.eval_n, seed=12345, tokenizer=tokenizer)
+    t0 = time.time()
+    acc = evaluate(model, suite, mask_id, eos_id)
+    table = format_table(acc, lengths)
+    print(table, flush=True)
+    summary = {
+        "args": vars(args),
+        "steps_done": step + 1,
+        "train_seconds": round(train_s),
+        "eval_seconds": round(time.time() - t0),
+        "params": n_params,
+        "accuracy": {f"{t}@{n}": a for (t, n), a in acc.items()},
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out} (train {train_s:.0f}s, total {time.time() - start:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
