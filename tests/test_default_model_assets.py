@@ -89,3 +89,17 @@ def test_default_model_finds_the_needle(default_llm, length):
     )
     got = [o.outputs[0].token_ids for o in outs]
     assert sum(g == s.answer_token_ids for g, s in zip(got, samples)) >= 7, got
+
+
+def test_readme_needle_command(capsys):
+    """The README's run command: the needle of examples/needle_1k.txt (line 41: 61) with 5% of the prompt KV."""
+    from maskkv_engine.entrypoints.cli import main
+
+    example = Path(__file__).parents[1] / "examples" / "needle_1k.txt"
+    assert "the magic number for parrot is 61 ." in example.read_text()
+    argv = ["generate", "--chat", "--prompt-file", str(example), "--kv-policy", "maskkv", "--kv-budget", "51", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = config()
+    assert out["text"] == "61" and out["prompt_tokens"] == 1024
+    assert out["kv_tokens_kept"] == 51 * cfg["n_layers"] * cfg["n_kv_heads"]  # 5% of 1024 per head

@@ -104,6 +104,9 @@ def load_tokenizer(directory: str | os.PathLike | None = None):
     """Load a saved tokenizer directory, or build the suite tokenizer in memory when none is given."""
     if directory is None:
         return build_tokenizer()
-    from transformers import AutoTokenizer
+    from maskkv_engine.tokenizer import load_tokenizer as load_model_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    tokenizer = load_model_tokenizer(str(directory))
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer files in {str(directory)!r}")
+    return tokenizer

@@ -30,6 +30,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from maskkv_engine import LLM, SamplingParams
 
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        with open(args.prompt_file) as f:
+            prompt = f.read().strip()
     llm = LLM(args.model, **_engine_kwargs(args))
     sp = SamplingParams(
         gen_length=args.gen_length,
@@ -41,9 +45,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     if args.chat:
-        outs = llm.chat([{"role": "user", "content": args.prompt}], sp, use_tqdm=False)
+        outs = llm.chat([{"role": "user", "content": prompt}], sp, use_tqdm=False)
     else:
-        outs = llm.generate(args.prompt, sp, use_tqdm=False)
+        outs = llm.generate(prompt, sp, use_tqdm=False)
     elapsed = time.perf_counter() - start
     out = outs[0]
     if args.json:
@@ -130,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate a completion for one prompt")
     _add_engine_args(g)
-    g.add_argument("--prompt", required=True)
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt text from this file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--gen-length", type=int, default=32)
     g.add_argument("--steps", type=int, default=None)
