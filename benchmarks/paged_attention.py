@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from maskkv_engine.attention.backend import AttentionBackend
 from maskkv_engine.attention.metadata import AttentionMetadata
 from maskkv_engine.attention.selector import get_attention_backend
+from maskkv_engine.benchmarks.common import write_results
 from maskkv_engine.engine.block_manager import BlockManager
 
 PAGE = 16  # CacheConfig.block_size default
@@ -174,15 +175,6 @@ def table(rows: list[Row], copy_bw: float | None) -> list[str]:
             line += f" {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% |"
         lines.append(line)
     return lines
-
-
-def write_results(path: Path, title: str, body: list[str]) -> None:
-    """Replace this benchmark's section for this device (``## title`` up to the next ``## ``), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"## {title}\n\n" + "\n".join(body) + "\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ from maskkv_engine.benchmarks.common import (
     run_request,
     shared_model,
     warm_up,
+    write_results,
 )
 from maskkv_engine.benchmarks.common import PolicySpec as _Spec
 from maskkv_engine.llm import default_model_path
@@ -191,18 +192,6 @@ def table(rows: list[dict], part: str) -> str:
     return "\n".join(out)
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    head = "## Refresh strategies and parallel decoding"
-    start = text.find(head)
-    if start >= 0:
-        end = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[end:] if end >= 0 else "\n")
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="part A model (default: the embedded default model)")
@@ -229,8 +218,6 @@ def main(argv=None) -> None:
     minutes = (time.perf_counter() - t0) / 60
     cmd = "OMP_NUM_THREADS=1 python -m benchmarks.refresh " + " ".join(argv if argv is not None else [])
     lines = [
-        "## Refresh strategies and parallel decoding",
-        "",
         f"Command: `{cmd.strip()}` — {machine(torch.device('cpu'))}; {minutes:.1f} min; load average "
         f"{load0[0]:.2f} -> {os.getloadavg()[0]:.2f}. MaskKV budget {BUDGET} KV pairs per head (a profile "
         f"fixes its budgets); blocks of {BLOCK}; steps = gen_length for the fixed schedules. `*`: `none` "
@@ -256,7 +243,7 @@ def main(argv=None) -> None:
         "8.1x (27.6x at 1024 tokens), dLLM-Cache up to 9.1x, Elastic-Cache 8.7x (256 tokens) / 45.1x (longer)."
     )
     if not args.no_write:
-        write_results("\n".join(lines))
+        write_results(RESULTS, "Refresh strategies and parallel decoding", lines)
     print()
     for part in ("A", "B"):
         if any(r["part"] == part for r in rows):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from benchmarks.default_model.batches import make_batch
 from benchmarks.default_model.evaluate import evaluate, format_table
-from benchmarks.default_model.package import write_model_card, write_profile
 from benchmarks.default_model.model import LLaDA, ModelConfig, apply_rope, rope_cos_sin, save_checkpoint
+from benchmarks.default_model.package import write_model_card, write_profile
 from benchmarks.longctx import TASKS, build_tokenizer, generate_suite
 
 EVAL_LENGTHS = [256, 512, 1024, 2048]

@@ -245,6 +245,8 @@ def test_refresh_errors(llada_gqa_dir):
 
 def test_a_layer_that_recomputes_no_row_at_all(llada_gqa_dir):
     """dLLM-Cache with rho * G < 1 recomputes no response row between refreshes: attention gets no query."""
-    llm = LLM(str(llada_gqa_dir), kv_policy="full", refresh="dllm_cache", refresh_config={"K_p": 100, "K_r": 100, "rho": 0.25})
+    llm = LLM(
+        str(llada_gqa_dir), kv_policy="full", refresh="dllm_cache", refresh_config={"K_p": 100, "K_r": 100, "rho": 0.25}
+    )
     out = llm.generate(PROMPTS[0], SamplingParams(gen_length=3, steps=3, stop_at_eos=False), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
