@@ -89,6 +89,8 @@ class EngineConfig:
             raise ValueError(f"backend={self.backend!r} is not supported (allowed: 'native', 'vllm')")
         if self.kv_budget is not None and (not isinstance(self.kv_budget, int) or self.kv_budget < 1):
             raise ValueError(f"kv_budget={self.kv_budget!r} must be an integer >= 1 (KV pairs per head) or None")
+        self.kv_policy_config = {} if self.kv_policy_config is None else self.kv_policy_config
+        self.refresh_config = {} if self.refresh_config is None else self.refresh_config
         if not isinstance(self.kv_policy_config, dict):
             raise ValueError(f"kv_policy_config must be a dict, got {type(self.kv_policy_config).__name__}")
         if not isinstance(self.refresh_config, dict):
