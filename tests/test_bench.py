@@ -40,3 +40,25 @@ def test_bench_bad_policy_is_one_line_error(capsys):
 def test_other_commands_still_reject_unknown_arguments():
     with pytest.raises(SystemExit):
         cli.main(["calibrate", "--no-such-flag"])
+
+
+def test_a_first_pass_split_by_layers_counts_as_prefill(tmp_path):
+    """With a step token budget below the prompt, the engine runs the first pass over several steps:
+    the benchmark must count all of them as prefill, not as denoise steps."""
+    import torch
+
+    from maskkv_engine.benchmarks.common import SHAPES, PolicySpec, make_engine, model_dir, random_prompt, run_request
+    from maskkv_engine.sampling_params import SamplingParams
+
+    path = model_dir(SHAPES["tiny"], tmp_path, 512)
+    params = SamplingParams(gen_length=8, steps=8, stop_at_eos=False)
+    runs = {}
+    for budget in (4096, 128):  # the whole first pass in one step; split by layers
+        engine = make_engine(path, PolicySpec("full", "full"), torch.device("cpu"), "float32", None,
+                             max_num_batched_tokens=budget)  # fmt: skip
+        prompt = random_prompt(200, engine.model_config, torch.Generator().manual_seed(0))
+        runs[budget] = run_request(engine, prompt, params)
+    whole, split = runs[4096], runs[128]
+    assert whole.prefill_steps == 1 and split.prefill_steps == engine.model_config.num_layers
+    assert len(whole.denoise_steps) == len(split.denoise_steps) == 7 and whole.finished and split.finished
+    assert split.kv_held == whole.kv_held > 0

@@ -225,9 +225,11 @@ class PeakMemory:
 # ---- one request, step by step -----------------------------------------------------------------------
 @dataclass
 class RequestRun:
-    """Times in seconds, memory in bytes. ``step_times[0]`` is the prefill (the first, full pass)."""
+    """Times in seconds, memory in bytes. The first ``prefill_steps`` engine steps are the prefill (the
+    first, full pass: one step, or several when the engine splits a long first pass by layers)."""
 
     step_times: list[float] = field(default_factory=list)
+    prefill_steps: int = 1
     end_to_end: float = 0.0
     finished: bool = False
     kv_held: int = 0  # pages in use after the prefill (bytes)
@@ -239,11 +241,11 @@ class RequestRun:
 
     @property
     def prefill(self) -> float:
-        return self.step_times[0]
+        return sum(self.step_times[: self.prefill_steps])
 
     @property
     def denoise_steps(self) -> list[float]:
-        return self.step_times[1:]
+        return self.step_times[self.prefill_steps :]
 
     @property
     def mean_step(self) -> float:
@@ -275,7 +277,9 @@ def run_request(
         outs = engine.step()
         sync(device)
         run.step_times.append(time.perf_counter() - t0)
-        if bm is not None and len(run.step_times) == 1:
+        if req.prefill is not None:  # the first pass goes on in the next step (chunked by layers)
+            run.prefill_steps += 1
+        elif bm is not None and len(run.step_times) == run.prefill_steps:
             run.kv_held = bm.request_pages(request_id) * bm.page_bytes
         if any(o.request_id == request_id and o.finished for o in outs):
             run.finished = True
