@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from maskkv_engine.models.layers import RMSNorm  # the engine's: statistics in float32, then the weight
+
 
 @dataclass
 class ModelConfig:
@@ -80,18 +82,6 @@ class ModelConfig:
     def from_llada_json(cls, cfg: dict) -> ModelConfig:
         fields = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in cfg.items() if k in fields})
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
