@@ -217,6 +217,29 @@ def test_mixed_refresh_and_thresholds_in_one_batch_are_batch_invariant(llada_gqa
     assert llm.llm_engine.block_manager.num_used_pages == 0
 
 
+@pytest.mark.parametrize("fixture", ["llada_gqa_dir", "dream_dir"])
+def test_refresh_sees_a_first_pass_split_by_layers(request, fixture):
+    """A small step token budget splits long first passes by layers: every refresh strategy must still
+    see them (it caches per-layer state during the first pass) and give the tokens of an unsplit run."""
+    path = str(request.getfixturevalue(fixture))
+    settings = [
+        dict(refresh="fast_dllm"),
+        dict(refresh="fast_dllm_dual", threshold=0.3),
+        dict(refresh="dllm_cache", refresh_config={"K_p": 5, "K_r": 3}),
+        dict(refresh="elastic"),
+        dict(refresh="elastic", refresh_config={"window": "block", "gamma": 0.5}),
+    ]
+    prompts = [{"prompt_token_ids": prompt_ids(40 + 9 * i, seed=i)} for i in range(len(settings))]
+    blocks = dict(block_length=8) if fixture == "llada_gqa_dir" else {}  # Dream: one block
+    params = [SamplingParams(gen_length=16, steps=16, stop_at_eos=False, **blocks, **s) for s in settings]
+    whole = LLM(path, kv_policy="full")
+    split = LLM(path, kv_policy="full", max_num_batched_tokens=40)
+    expected = tokens(whole.generate(prompts, params, use_tqdm=False))
+    got = tokens(split.generate(prompts, params, use_tqdm=False))
+    assert got == expected
+    assert split.llm_engine.block_manager.num_used_pages == 0
+
+
 def test_refresh_metrics(llada_gqa_dir):
     llm = LLM(str(llada_gqa_dir), kv_policy="full", refresh="dllm_cache", refresh_config={"K_p": 100, "K_r": 4})
     out = llm.generate(

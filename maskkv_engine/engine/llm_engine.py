@@ -313,8 +313,11 @@ class LLMEngine:
     def step(self, intermediate: bool = False) -> list[RequestOutput]:
         """Run one denoising step for a batch. Returns finished requests' outputs, and with
         ``intermediate`` (or when a stream callback is set) every stepped request's current canvas."""
-        for req in list(self.scheduler.running):
-            req.state.skip_empty_steps(req.tokens, req.mask_id)
+        for req in self.scheduler.running:
+            # never before the first pass has run: it is needed anyway, and skipping ahead of it would make
+            # the schedule depend on when the request got its first step (batching, layer-split prefill)
+            if req.metrics.num_steps > 0:
+                req.state.skip_empty_steps(req.tokens, req.mask_id)
         out = self.scheduler.schedule()
         if out.is_empty:
             return []

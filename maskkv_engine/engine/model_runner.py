@@ -80,7 +80,9 @@ class ModelRunner:
             req.prefill = PrefillProgress(self.model.embed(req.tokens.to(self.device)), 0, capture)
         progress = req.prefill
         assert progress.next_layer == start, "layer chunks run in order"
-        hooks = StepContext([PlannedSequence(req.request_id, 0, n, None)], meta, progress.capture, self.block_manager)
+        # the refresh state sees every layer of the first pass (it caches per-layer state there), split or not
+        sequence = PlannedSequence(req.request_id, 0, n, req.refresh_state)
+        hooks = StepContext([sequence], meta, progress.capture, self.block_manager)
         with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
             progress.hidden = self.model.run_layers(progress.hidden, positions, start, end)
         progress.next_layer = end
