@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +32,7 @@ import torch.nn.functional as F
 from maskkv_engine.attention.backend import AttentionBackend
 from maskkv_engine.attention.metadata import AttentionMetadata
 from maskkv_engine.attention.selector import get_attention_backend
-from maskkv_engine.benchmarks.common import write_results
+from maskkv_engine.benchmarks.common import command_line, machine, write_results
 from maskkv_engine.engine.block_manager import BlockManager
 
 PAGE = 16  # CacheConfig.block_size default
@@ -146,19 +142,6 @@ def run_shape(shape: Shape, args, backends: dict[str, AttentionBackend], device,
     return rows
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
-    if device.type == "cuda":
-        text += f"; GPU {torch.cuda.get_device_name(device)}"
-    return text
-
-
 def table(rows: list[Row], copy_bw: float | None) -> list[str]:
     dense = {r.shape: r.seconds for r in rows if r.variant == "dense-8k"}
     head = "| shape | KV | backend | time (ms) | KV held / layer (MiB) | dense-8k time / this |"
@@ -200,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [r for key in args.shapes.split(",") for r in run_shape(SHAPES[key], args, backends, device, dtype)]
     lines = table(rows, copy_bw)
-    command = "python " + " ".join(["benchmarks/paged_attention.py", *(argv if argv is not None else sys.argv[1:])])
-    if os.environ.get("OMP_NUM_THREADS"):
-        command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
+    command = command_line("python benchmarks/paged_attention.py", argv)
     body = [
         f"Command: `{command}`  ",
         f"Machine: {machine(device)}  ",

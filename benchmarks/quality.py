@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from benchmarks.longctx import TASKS, generate_suite, load_tokenizer
 from maskkv_engine import LLM, SamplingParams
-from maskkv_engine.benchmarks.common import write_results
+from maskkv_engine.benchmarks.common import command_line, machine, write_results
 from maskkv_engine.llm import default_model_path
 
 # label -> (kv_policy, kv_policy_config). SnapKV and the policies built on it keep their 32-token
@@ -223,10 +224,10 @@ def main(argv=None) -> None:
             f"at 256 KV pairs per head for LLaDA-8B. Tasks the model does not answer at full cache "
             f"({', '.join(t for t in tasks if t not in known) or 'none'}) are at chance under every policy (differences there are noise)."
         )
-    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.quality " + " ".join(argv or [])
+    cmd = command_line("python -m benchmarks.quality", argv)
     shown = "the embedded default model" if args.model is None else model
     body = [
-        f"Command: `{cmd.strip()}` — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Command: `{cmd}` — {machine(torch.device('cpu'))}, "
         f"{elapsed / 60:.1f} min, load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}.",
         f"Model: {shown}; {args.n} samples per (task, length) at lengths {lengths}, needle depths evenly "
         f"spaced, seed {args.seed}; greedy, one token per step. Budgets are KV pairs per head "

@@ -35,6 +35,7 @@ from maskkv_engine import LLM, SamplingParams
 from maskkv_engine.benchmarks.common import (
     SHAPES,
     calibrate_random,
+    command_line,
     load_dummy,
     machine,
     make_engine,
@@ -216,9 +217,9 @@ def main(argv=None) -> None:
     OUT.mkdir(exist_ok=True)
     (OUT / "refresh.json").write_text(json.dumps(rows, indent=1))
     minutes = (time.perf_counter() - t0) / 60
-    cmd = "OMP_NUM_THREADS=1 python -m benchmarks.refresh " + " ".join(argv if argv is not None else [])
+    cmd = command_line("python -m benchmarks.refresh", argv)
     lines = [
-        f"Command: `{cmd.strip()}` — {machine(torch.device('cpu'))}; {minutes:.1f} min; load average "
+        f"Command: `{cmd}` — {machine(torch.device('cpu'))}; {minutes:.1f} min; load average "
         f"{load0[0]:.2f} -> {os.getloadavg()[0]:.2f}. MaskKV budget {BUDGET} KV pairs per head (a profile "
         f"fixes its budgets); blocks of {BLOCK}; steps = gen_length for the fixed schedules. `*`: `none` "
         f"extrapolated from its first {args.none_steps} steps. Speed-ups are against `none` in the same run.",
