@@ -170,7 +170,7 @@ def main(argv=None) -> None:
         "--heat-budget", type=int, default=32, help="budget of the per-task table and needle heatmap (one of --budgets)"
     )
     p.add_argument("--seed", type=int, default=20261126)
-    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md or the plots")
     args = p.parse_args(argv)
     model = args.model or default_model_path()
     tasks = args.tasks.split(",")
@@ -202,7 +202,9 @@ def main(argv=None) -> None:
     (OUT / "quality.json").write_text(json.dumps(results, indent=1))
     heat = args.heat_budget if args.heat_budget in budgets else budgets[len(budgets) // 2]
     table = "\n".join(markdown(results, tasks, budgets, heat))
-    paths = plot(results, tasks, lengths, budgets, heat, samples) if "single_needle" in tasks else []
+    paths = (
+        plot(results, tasks, lengths, budgets, heat, samples) if "single_needle" in tasks and not args.no_write else []
+    )
     per_length = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for task in tasks:
         per_length.append(
