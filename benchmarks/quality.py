@@ -4,7 +4,7 @@ For each task of the synthetic suite (benchmarks/longctx), prompt length and nee
 answers with each policy (none, full, maskkv, snapkv, pyramidkv, adakv, squeeze) at each budget (KV
 pairs kept per head); a sample is correct when its answer, cut at the first EOS, matches exactly.
 Retention = accuracy / accuracy at full cache. Decoding is LLaDA's reference rule, greedy, one token
-per step (gen_length = answer length + 3 EOS slots), as the model was trained and evaluated.
+per step (gen_length = answer length + 3 EOS slots: Sample.gen_length), as the model was trained and evaluated.
 
     OMP_NUM_THREADS=1 python -m benchmarks.quality                    # the whole grid, a few minutes
     python -m benchmarks.quality --lengths 512 --n 4 --budgets 16      # a quick look
@@ -40,29 +40,21 @@ PRUNING = {
     "adakv": ("adakv", {}),
     "squeeze": ("squeeze", {}),
 }
-EXTRA_EOS = 3
 OUT = Path(__file__).parent / "out"
 PLOTS = Path(__file__).parent / "plots"
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
-def answer_of(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[:i]
-    return tokens
-
-
 def run_policy(model: str, policy: str, budget: int | None, samples, config: dict | None = None) -> list[bool]:
     """Whether each sample is answered exactly; all samples in one batched generate call."""
     llm = LLM(model, kv_policy=policy, kv_budget=budget, kv_policy_config=config)
-    params = []
-    for s in samples:
-        n = len(s.answer_token_ids) + EXTRA_EOS
-        params.append(SamplingParams(gen_length=n, steps=n, block_length=n, stop_at_eos=False))
+    params = [
+        SamplingParams(gen_length=s.gen_length, steps=s.gen_length, block_length=s.gen_length, stop_at_eos=False)
+        for s in samples
+    ]
     outs = llm.generate([{"prompt_token_ids": s.prompt_token_ids} for s in samples], params, use_tqdm=False)
     stop = llm.llm_engine.stop_token_ids
-    return [answer_of(o.outputs[0].token_ids, stop) == s.answer_token_ids for o, s in zip(outs, samples)]
+    return [s.is_answered_by(o.outputs[0].token_ids, stop) for o, s in zip(outs, samples)]
 
 
 def accuracy(correct: list[bool], samples, key) -> dict:

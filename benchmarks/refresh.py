@@ -102,7 +102,7 @@ def part_a(model: str, lengths: list[int], gens: list[int], n: int, seed: int, t
                 )
                 wall = time.perf_counter() - t0
                 stop = eng.stop_token_ids
-                correct = [_answer(o.outputs[0].token_ids, stop) == s.answer_token_ids for o, s in zip(outs, samples)]
+                correct = [s.is_answered_by(o.outputs[0].token_ids, stop) for o, s in zip(outs, samples)]
                 row = {
                     "part": "A", "length": length, "gen": gen, "combo": combo.label,
                     "accuracy": sum(correct) / len(correct),
@@ -116,13 +116,6 @@ def part_a(model: str, lengths: list[int], gens: list[int], n: int, seed: int, t
                 rows.append(row)
                 print(_line(row), flush=True)
     return rows
-
-
-def _answer(tokens: list[int], stop: tuple[int, ...]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in stop:
-            return tokens[:i]
-    return tokens
 
 
 # ---- part B: speed on a random-weight LLaDA-shaped model --------------------------------------------------

@@ -80,3 +80,12 @@ def test_suite_spreads_depths_and_rejects_bad_input(tokenizer):
         generate_sample("single_needle", 10, 0.5, 0, tokenizer)
     with pytest.raises(ValueError, match=r"depth=1.5 must be in \[0, 1\]"):
         generate_sample("single_needle", 256, 1.5, 0, tokenizer)
+
+
+def test_a_generation_is_scored_up_to_its_first_stop_token(tokenizer):
+    s = generate_sample("single_needle", 256, 0.5, seed=1, tokenizer=tokenizer)
+    answer, stop = s.answer_token_ids, (tokenizer.eos_token_id,)
+    assert s.gen_length == len(answer) + 3
+    assert s.is_answered_by(answer + [stop[0], 7, 7], stop) and s.is_answered_by(answer, stop)
+    assert not s.is_answered_by(answer + [answer[0], stop[0]], stop)
+    assert not s.is_answered_by([stop[0], *answer], stop)

@@ -9,34 +9,27 @@ import torch
 from benchmarks.default_model.decode import generate
 from benchmarks.longctx import Sample
 
-EXTRA_EOS = 3  # gen_length = answer length + this many positions for EOS
-
-
-def answer_of(tokens: list[int], eos_id: int) -> list[int]:
-    """Generated tokens up to the first EOS."""
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
 
 def evaluate(model, samples: list[Sample], mask_id: int, eos_id: int, batch_tokens: int = 16384) -> dict:
     """{(task, length): accuracy}; samples of one (task, length) are decoded together in batches.
 
     A sample is correct when its generation, cut at the first EOS, equals the answer exactly.
-    gen_length = len(answer) + EXTRA_EOS, steps = block_length = gen_length (one token per step).
+    gen_length = Sample.gen_length (answer + 3 EOS slots), steps = block_length = gen_length (one token per step).
     """
     groups: dict[tuple, list[Sample]] = defaultdict(list)
     for s in samples:
         groups[(s.task, s.length, len(s.answer_token_ids))].append(s)
     correct: dict[tuple, list[bool]] = defaultdict(list)
     model.eval()
-    for (task, length, n_ans), group in groups.items():
-        gen_length = n_ans + EXTRA_EOS
+    for (task, length, _), group in groups.items():
+        gen_length = group[0].gen_length
         per_batch = max(1, batch_tokens // (length + gen_length))
         for i in range(0, len(group), per_batch):
             chunk = group[i : i + per_batch]
             prompt = torch.tensor([s.prompt_token_ids for s in chunk])
             out = generate(model, prompt, mask_id, gen_length)
             for s, row in zip(chunk, out.tolist()):
-                correct[(task, length)].append(answer_of(row, eos_id) == s.answer_token_ids)
+                correct[(task, length)].append(s.is_answered_by(row, (eos_id,)))
     return {k: sum(v) / len(v) for k, v in sorted(correct.items())}
 
 
@@ -48,7 +41,7 @@ def evaluate_engine(llm, samples: list[Sample], batch: int = 64) -> dict:
     correct: dict[tuple, list[bool]] = defaultdict(list)
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        params = [SamplingParams(gen_length=len(s.answer_token_ids) + EXTRA_EOS) for s in chunk]
+        params = [SamplingParams(gen_length=s.gen_length) for s in chunk]
         outs = llm.generate([{"prompt_token_ids": s.prompt_token_ids} for s in chunk], params, use_tqdm=False)
         for s, out in zip(chunk, outs):
             correct[(s.task, s.length)].append(list(out.outputs[0].token_ids) == s.answer_token_ids)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from benchmarks.longctx.tasks import TASKS
 
 MIN_PROMPT_TOKENS = 64
+EXTRA_EOS = 3  # a sample is decoded with gen_length = answer length + this many positions for EOS
 
 
 @dataclass
@@ -28,6 +29,18 @@ class Sample:
     length: int
     key: str = ""
     seed: int = 0
+
+    @property
+    def gen_length(self) -> int:
+        return len(self.answer_token_ids) + EXTRA_EOS
+
+    def is_answered_by(self, tokens: list[int], stop_ids: tuple[int, ...]) -> bool:
+        """Exact match of the generation, cut at its first stop token, with the answer."""
+        for i, t in enumerate(tokens):
+            if t in stop_ids:
+                tokens = tokens[:i]
+                break
+        return list(tokens) == self.answer_token_ids
 
 
 _SENTINEL = "\x00MESSAGE\x00"
