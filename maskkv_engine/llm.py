@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from maskkv_engine.config import EngineConfig
 from maskkv_engine.engine.llm_engine import LLMEngine, PromptType
 from maskkv_engine.outputs import RequestOutput
 from maskkv_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
@@ -92,12 +95,20 @@ class LLM:
             raise
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while len(done) < len(ids):
-                for out in engine.step():
-                    if out.finished and out.request_id in wanted:
-                        done[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                while len(done) < len(ids):
+                    for out in engine.step():
+                        if out.finished and out.request_id in wanted:
+                            done[out.request_id] = out
+                            bar.update(1)
+        finally:  # interrupted (Ctrl-C, an error): what is left must not keep its pages
+            for rid in ids:
+                if rid not in done:
+                    engine.abort_request(rid)
+        failed = [o for o in done.values() if o.error is not None]
+        if failed:
+            logger.error("%d of %d requests failed: %s", len(failed), len(ids), failed[0].error)
         return [done[rid] for rid in ids]
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:

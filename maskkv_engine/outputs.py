@@ -51,7 +51,8 @@ class RequestMetrics:
 class CompletionOutput:
     """``token_ids``: generated tokens (the first EOS and what follows dropped when stop_at_eos).
 
-    finish_reason: 'stop' (an EOS ended it), 'length' (gen_length filled), 'abort'.
+    finish_reason: 'stop' (an EOS ended it), 'length' (gen_length filled), 'abort', 'error' (the step
+    that ran it failed; ``RequestOutput.error`` says why).
     """
 
     index: int
@@ -71,3 +72,4 @@ class RequestOutput:
     # Intermediate outputs (streaming) carry the whole response canvas, masks included.
     canvas_token_ids: list[int] | None = field(default=None, repr=False)
     canvas_text: str | None = field(default=None, repr=False)
+    error: str | None = None  # why the request failed (finish_reason 'error'); None otherwise

@@ -3,12 +3,23 @@
 They take ``logits_fn(x) -> [N, V]`` (the model's own per-position logits over the full sequence)
 and recompute everything every step, exactly like the official ``generate`` functions. The engine's
 ``kv_policy="none"`` must reproduce them token for token.
+
+One deliberate difference from the official loops, as in the engine: the mask id is never committed
+(``never_commit_mask``). The official code can write the mask id back (a random model predicts it), which
+leaves that position masked; trained checkpoints never predict it, so their outputs are unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def never_commit_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The logits with the mask id at -inf (the engine's Sampler does the same)."""
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    return logits
 
 
 def llada_generate(logits_fn, prompt, steps, gen_length, block_length, mask_id, cfg_scale=0.0):
@@ -34,6 +45,7 @@ def llada_generate(logits_fn, prompt, steps, gen_length, block_length, mask_id, 
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
                 logits = logits_fn(x)
+            logits = never_commit_mask(logits, mask_id)
             x0 = torch.argmax(logits, dim=-1)
             probs = F.softmax(logits.double(), dim=-1)
             x0_p = torch.gather(probs, -1, x0[:, None]).squeeze(-1)
@@ -56,7 +68,7 @@ def dream_generate(logits_fn, prompt, steps, gen_length, mask_id, alg, eps=1e-3)
         mask_index = x == mask_id
         logits = logits_fn(x)
         logits = torch.cat([logits[:1], logits[:-1]], dim=0)  # token i predicted from position i-1
-        mask_logits = logits[mask_index].float()
+        mask_logits = never_commit_mask(logits[mask_index].float(), mask_id)
         t, s = timesteps[i], timesteps[i + 1]
         probs = torch.softmax(mask_logits, dim=-1)
         confidence, x0 = probs.max(dim=-1)

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from tests.naive_llada import NaiveLLaDA
+from tests.reference_decoders import never_commit_mask
 
 
 def _commit(x, logits, cand, k, mask_id, threshold=None):
     """LLaDA low-confidence commit of k candidates (or Fast-dLLM's threshold rule) at positions ``cand``."""
-    p = F.softmax(logits.double(), dim=-1)
+    p = F.softmax(never_commit_mask(logits, mask_id).double(), dim=-1)
     conf, x0 = p.max(dim=-1)
     if threshold is not None:
         order = torch.argsort(conf, descending=True, stable=True)

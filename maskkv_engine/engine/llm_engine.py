@@ -69,7 +69,7 @@ class LLMEngine:
             self.runner = ModelRunner(
                 self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device
             )
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
         self._requests: dict[str, Request] = {}
         self._counter = itertools.count()
         self.stream_callbacks: list[Callable[[RequestOutput], None]] = []
@@ -116,6 +116,15 @@ class LLMEngine:
                 limit,
             )
         return self.config.max_model_len
+
+    def _num_real_tokens(self) -> int:
+        """Logit rows that are real tokens: LLaDA's embedding may be padded beyond the config's vocab_size
+        (``embedding_size``). The tokenizer's length is no bound: special ids may lie beyond it."""
+        rows = self.model_config.vocab_size
+        declared = read_hf_config(self.config.model).get("vocab_size")
+        if isinstance(declared, int) and not isinstance(declared, bool) and 1 < declared < rows:
+            rows = declared
+        return rows
 
     def _stop_token_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)
@@ -282,6 +291,11 @@ class LLMEngine:
                 )
             if params.cfg_scale > 0:
                 raise ValueError("cfg_scale > 0 is a LLaDA option; Dream has no classifier-free guidance")
+            if params.remasking == "origin" and params.parallel_decoding:
+                raise ValueError(
+                    "SamplingParams.remasking='origin' reveals tokens by Dream's transfer probability and has no "
+                    "confidence: threshold / factor need a confidence rule (maskgit_plus, topk_margin, entropy)"
+                )
         elif params.remasking not in LLADA_REMASKING:
             raise ValueError(
                 f"SamplingParams.remasking={params.remasking!r} is not a LLaDA rule (allowed: {LLADA_REMASKING})"
@@ -312,53 +326,84 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------
     def step(self, intermediate: bool = False) -> list[RequestOutput]:
         """Run one denoising step for a batch. Returns finished requests' outputs, and with
-        ``intermediate`` (or when a stream callback is set) every stepped request's current canvas."""
-        for req in self.scheduler.running:
+        ``intermediate`` (or when a stream callback is set) every stepped request's current canvas.
+
+        Fail-safe: an error inside the step finishes the requests of that step (``finish_reason='error'``,
+        every page and transient byte they held freed); the other requests and the next call go on."""
+        outputs: list[RequestOutput] = []
+        for req in list(self.scheduler.running):
             # never before the first pass has run: it is needed anyway, and skipping ahead of it would make
             # the schedule depend on when the request got its first step (batching, layer-split prefill)
             if req.metrics.num_steps > 0:
-                req.state.skip_empty_steps(req.tokens, req.mask_id)
+                self._guarded(req, outputs, req.state.skip_empty_steps, req.tokens, req.mask_id)
         out = self.scheduler.schedule()
+        for req, error in out.failed:
+            outputs.append(self._fail(req, error))
         if out.is_empty:
-            return []
+            return outputs
         now = time.monotonic()
         for item in out.scheduled:
             if item.request.metrics.first_scheduled_time is None:
                 item.request.metrics.first_scheduled_time = now
-        results = self.runner.execute(out.scheduled)
+        try:
+            results = self.runner.execute(out.scheduled)
+        except Exception as error:  # the batch's forward failed: no request of it can be trusted
+            logger.exception("engine step failed; finishing its %d requests with an error", len(out.scheduled))
+            if self.block_manager is not None:
+                self.block_manager.set_transient_bytes(0)
+            return outputs + [self._fail(item.request, error) for item in out.scheduled]
         done = time.monotonic()
-        outputs: list[RequestOutput] = []
         want_intermediate = intermediate or bool(self.stream_callbacks)
         for item, res in zip(out.scheduled, results):
-            req = item.request
-            m = req.metrics
-            if res is None:  # a layer chunk of a long first pass: nothing to commit yet
-                continue
-            m.num_steps += 1
-            if item.full_pass:
-                m.num_full_passes += 1
-                if m.prefill_time is None:  # from its first chunk when the pass was split
-                    m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
-            if item.capture:
-                req.kv_ready = True
-            if self.block_manager is not None:
-                m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
-            committed = self.sampler.commit(req, res.positions, res.logits)
-            m.committed_per_step.append(int(committed.numel()))
-            state = req.refresh_state
-            state.after_step(self.model_config.num_layers, committed)
-            m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
-            if req.check_finished():
-                m.finished_time = time.monotonic()
-                self.scheduler.finish(req)
-                self._requests.pop(req.request_id, None)
-                outputs.append(self._output(req))
-            elif want_intermediate:
-                outputs.append(self._output(req))
+            if res is not None:  # None: a layer chunk of a long first pass, nothing to commit yet
+                self._guarded(item.request, outputs, self._update, item, res, now, done, want_intermediate, outputs)
         for cb in self.stream_callbacks:
             for o in outputs:
                 cb(o)
         return outputs
+
+    def _update(self, item, res, now: float, done: float, want_intermediate: bool, outputs: list) -> None:
+        """Apply one request's step result: commit its tokens, advance its refresh state, finish it."""
+        req = item.request
+        m = req.metrics
+        m.num_steps += 1
+        if item.full_pass:
+            m.num_full_passes += 1
+            if m.prefill_time is None:  # from its first chunk when the pass was split
+                m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
+        if item.capture:
+            req.kv_ready = True
+        if self.block_manager is not None:
+            m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
+        committed = self.sampler.commit(req, res.positions, res.logits)
+        m.committed_per_step.append(int(committed.numel()))
+        state = req.refresh_state
+        state.after_step(self.model_config.num_layers, committed)
+        m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
+        if req.check_finished():
+            m.finished_time = time.monotonic()
+            self.scheduler.finish(req)
+            self._requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        elif want_intermediate:
+            outputs.append(self._output(req))
+
+    def _guarded(self, req: Request, outputs: list[RequestOutput], fn, *args) -> None:
+        """Run one request's own bookkeeping; an error there finishes that request alone."""
+        try:
+            fn(*args)
+        except Exception as error:
+            logger.exception("request %r failed", req.request_id)
+            outputs.append(self._fail(req, error))
+
+    def _fail(self, req: Request, error: BaseException) -> RequestOutput:
+        """Finish a request whose step raised: free everything it holds, report the error in its output."""
+        req.status = RequestStatus.FINISHED_ERROR
+        req.error = f"{type(error).__name__}: {error}"
+        req.metrics.finished_time = time.monotonic()
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:
         token_ids = req.output_token_ids()
@@ -375,6 +420,7 @@ class LLMEngine:
             metrics=req.metrics,
             canvas_token_ids=canvas,
             canvas_text=None if canvas is None else self.decode_canvas(canvas),
+            error=req.error,
         )
 
     def _decode(self, token_ids: list[int]) -> str:

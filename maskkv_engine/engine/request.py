@@ -17,6 +17,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
@@ -64,6 +65,7 @@ class Request:
         self.refresh_state = None  # set by the engine from the request's refresh strategy
         self.prefill = None  # a first pass split over steps by layers: its progress (model_runner.PrefillProgress)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.error: str | None = None  # set when a step that ran this request failed
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +107,14 @@ class Request:
                 if not bool((resp[:first] == self.mask_id).any()):
                     self.status = RequestStatus.FINISHED_STOPPED
                     return True
-        if self.state.finished(self.tokens, self.mask_id):
+        if self.state.finished(self.tokens, self.mask_id) or self.metrics.num_steps >= self.max_steps:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
+
+    @property
+    def max_steps(self) -> int:
+        """A bound known in advance: a fixed schedule runs at most ``steps`` forward passes, and every other
+        rule (threshold, factor, Elastic's window) commits at least one token per pass. A request that
+        reaches it ends whatever the model outputs, so none can step forever."""
+        return max(self.params.steps, self.params.gen_length)

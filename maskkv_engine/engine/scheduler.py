@@ -46,6 +46,7 @@ class ScheduledRequest:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)  # planning raised: finish with an error
 
     @property
     def is_empty(self) -> bool:
@@ -88,7 +89,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         order = sorted(self.running, key=lambda r: (self._last_run.get(r.request_id, -1), r.metrics.arrival_time))
         for req in order:
-            item = ScheduledRequest(req, req.refresh_state.plan_step(), num_layers=self.num_layers)
+            try:
+                plan = req.refresh_state.plan_step()
+            except Exception as error:  # one request's broken state must not stop the others
+                out.failed.append((req, error))
+                continue
+            item = ScheduledRequest(req, plan, num_layers=self.num_layers)
             left = budget - out.num_tokens
             if req.prefill is not None or (self._chunkable(item) and item.num_tokens > left):
                 layers = self._layer_chunk(item, left, first=not out.scheduled)

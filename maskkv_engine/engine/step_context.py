@@ -46,6 +46,7 @@ class StepContext(StepHooks):
             seq.state.block_manager = block_manager  # refresh states may read the prompt pages
         self._rows: dict[int, torch.Tensor | None] = {}
         self._local_rows: dict[int, list[torch.Tensor | None]] = {}
+        self._computed_offset: dict[int, dict[int, int]] = {}  # layer -> packed offset -> offset in computed rows
 
     # ---- StepHooks -------------------------------------------------------------------------------
     def prepare_attention(self, layer, q, k, v, meta):
@@ -54,6 +55,8 @@ class StepContext(StepHooks):
         if not self.custom:
             return q, k, v, meta
         qs, ks, vs, q_lens, kv_lens, rows, local_rows = [], [], [], [], [], [], []
+        computed_offset: dict[int, int] = {}
+        cursor = 0
         for seq in self.sequences:
             sl = slice(seq.offset, seq.offset + seq.length)
             q_s, k_s, v_s = q[sl], k[sl], v[sl]
@@ -70,6 +73,8 @@ class StepContext(StepHooks):
             if extra_k is not None and extra_k.shape[0]:
                 k_s, v_s = torch.cat([k_s, extra_k]), torch.cat([v_s, extra_v])
             local_rows.append(local)
+            computed_offset[seq.offset] = cursor
+            cursor += int(q_s.shape[0])
             qs.append(q_s)
             ks.append(k_s)
             vs.append(v_s)
@@ -78,6 +83,7 @@ class StepContext(StepHooks):
         all_rows = torch.cat(rows)
         self._rows[layer] = None if all_rows.numel() == q.shape[0] and all(r is None for r in local_rows) else all_rows
         self._local_rows[layer] = local_rows
+        self._computed_offset[layer] = computed_offset
         q_layout = RowLayout.build(q_lens, q.device)
         kv_layout = q_layout if kv_lens == q_lens else RowLayout.build(kv_lens, q.device)
         new_meta = AttentionMetadata(
@@ -94,8 +100,14 @@ class StepContext(StepHooks):
         return self._rows.get(layer)
 
     def on_attention_residual(self, layer, h_in, h_out):
-        if self.capture is not None and self._rows.get(layer) is None:
+        """A first pass computes all of its rows, whatever the other requests of the step do: its statistics
+        are read from its own rows, found in the computed rows through their offsets."""
+        if self.capture is None:
+            return
+        if self._rows.get(layer) is None:
             self.capture.on_attention_residual(layer, h_in, h_out)
+        else:
+            self.capture.on_attention_residual(layer, h_in, h_out, self._computed_offset[layer])
 
     def merge(self, layer, x, rows, x1, attn_out, mlp_out):
         if not self.custom:

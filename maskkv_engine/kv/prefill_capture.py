@@ -79,10 +79,16 @@ class PrefillCapture(StepHooks):
         if self.block_manager is not None:
             self.block_manager.set_transient_bytes(layer_kv + held)
 
-    def on_attention_residual(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    def on_attention_residual(
+        self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, offsets: dict[int, int] | None = None
+    ) -> None:
+        """``offsets``: where each target's rows start in ``h_in`` / ``h_out`` when the step computed only
+        some rows of other sequences (keyed by the target's packed ``row_start``); None: packed order."""
         for t in self.targets:
             if t.collect_stats:
-                cos = F.cosine_similarity(h_in[t.rows].float(), h_out[t.rows].float(), dim=-1)
+                start = t.row_start if offsets is None else offsets[t.row_start]
+                rows = slice(start, start + t.ctx.n_total)
+                cos = F.cosine_similarity(h_in[rows].float(), h_out[rows].float(), dim=-1)
                 t.importance.append(1.0 - float(cos.mean()))
 
     def finalize(self) -> None:

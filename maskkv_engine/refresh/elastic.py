@@ -228,6 +228,13 @@ class ElasticCache(RefreshStrategy):
         if not isinstance(self.track_num, int) or self.track_num < 1:
             raise ValueError(f"track_num={self.track_num!r} must be an integer >= 1")
 
+    def check(self, request) -> None:
+        if request.logits_shift and request.params.remasking == "origin" and self.window != "block":
+            raise ValueError(
+                "refresh='elastic' decodes its window by confidence, one token a step (or by threshold / factor); "
+                "remasking='origin' has no confidence: use maskgit_plus, topk_margin or entropy"
+            )
+
     def new_state(self, request) -> RefreshState:
         if self.window != "block":
             p = request.params

@@ -20,6 +20,11 @@ REFRESH_STRATEGIES: dict[str, type[RefreshStrategy]] = {
 }
 
 
+def register_refresh(name: str, cls: type[RefreshStrategy]) -> None:
+    """Register a refresh strategy class in-process under ``name``."""
+    REFRESH_STRATEGIES[name] = cls
+
+
 def get_refresh(name: str, config: dict[str, Any] | None = None) -> RefreshStrategy:
     if name not in REFRESH_STRATEGIES:
         raise ValueError(f"refresh={name!r} is not known (allowed: {sorted(REFRESH_STRATEGIES)})")

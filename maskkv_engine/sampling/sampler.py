@@ -15,9 +15,25 @@ from maskkv_engine.sampling.selection import select_factor, select_sampled, sele
 
 
 class Sampler:
+    """``num_real_tokens``: ids at or above it are padding rows of the embedding (no token of the tokenizer);
+    they and the mask id can never be committed: a committed mask would leave its position masked forever
+    (a request that never ends, or a dropped position), whatever the model outputs."""
+
+    def __init__(self, mask_id: int, num_real_tokens: int):
+        self.mask_id = mask_id
+        self.num_real_tokens = num_real_tokens
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with the ids that may never be committed set to -inf."""
+        logits = logits.clone()
+        logits[:, self.num_real_tokens :] = float("-inf")
+        logits[:, self.mask_id] = float("-inf")
+        return logits
+
     def commit(self, request: Request, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """positions [C] (absolute, masked), logits [C, V] for them. Writes the committed tokens into the
         request's canvas, advances its schedule, and returns the committed positions."""
+        logits = self.allowed(logits)
         p = request.params
         state = request.state
         gen = request.generator
