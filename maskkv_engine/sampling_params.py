@@ -134,14 +134,17 @@ class SamplingParams:
     def _vllm_names(self) -> None:
         """Check vLLM's fields and normalise ``stop`` / ``stop_token_ids`` to lists."""
         _int_at_least("n", self.n, 1)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in self.stop):
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is not None and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop)):
             raise ValueError(f"SamplingParams.stop={self.stop!r} must be a non-empty string or a list of them")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+        self.stop = list(stop or [])
+        ids = self.stop_token_ids
+        if ids is not None and not (
+            isinstance(ids, (list, tuple))
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
             raise ValueError(f"SamplingParams.stop_token_ids={self.stop_token_ids!r} must be a list of token ids >= 0")
+        self.stop_token_ids = list(ids or [])
         if self.logprobs is not None:
             _int_at_least("logprobs", self.logprobs, 0)
         if not isinstance(self.include_stop_str_in_output, bool):
