@@ -8,6 +8,7 @@ per step (gen_length = answer length + 3 EOS slots: Sample.gen_length), as the m
 
     OMP_NUM_THREADS=1 python -m benchmarks.quality                    # the whole grid, a few minutes
     python -m benchmarks.quality --lengths 512 --n 4 --budgets 16      # a quick look
+    python -m benchmarks.quality --replot                              # redraw the PNGs from RESULTS.md
 
 Prints a table last, writes the full figures to benchmarks/out/quality.json, the markdown tables into
 benchmarks/RESULTS.md (section "Long-context quality"), and PNG plots to benchmarks/plots/.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -106,49 +108,148 @@ def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> li
     return lines
 
 
-def plot(
-    results: dict, tasks: list[str], lengths: list[int], budgets: list[int], heat_budget: int, samples
-) -> list[Path]:
+# one look per policy, told apart without colour too; the SnapKV-scored policies often coincide, so each is
+# also nudged sideways a little (the budgets stay readable on the axis)
+STYLES = {
+    "maskkv": dict(color="C3", marker="o", ls="-", ms=9, lw=2.2),
+    "snapkv": dict(color="C0", marker="s", ls="--", ms=11, mfc="none", mew=1.6),
+    "snapkv-w8": dict(color="C2", marker="D", ls="-.", ms=7),
+    "pyramidkv": dict(color="C1", marker="^", ls=":", ms=9, mfc="none", mew=1.6),
+    "adakv": dict(color="C4", marker="v", ls="--", ms=7),
+    "squeeze": dict(color="C5", marker="x", ls=":", ms=8, mew=1.6),
+}
+
+
+def plot_budget(series: dict[str, list[float]], budgets: list[int], full: float, title: str, path: Path) -> Path:
+    """Accuracy (%) against KV pairs per head, one line per policy, the full cache as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    paths = []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for p in PRUNING:
-            ax.plot(budgets, [100 * results[f"{p}@{b}"]["by_task"][task] for b in budgets], marker="o", label=p)
-        ax.axhline(100 * results["full"]["by_task"][task], color="k", ls="--", lw=1, label="full")
-        ax.set_xscale("log", base=2)
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("KV pairs per head")
-    axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(8.5, 5.6))
+    for i, (label, values) in enumerate(series.items()):
+        nudge = 2 ** (0.05 * (i - (len(series) - 1) / 2))
+        ax.plot([b * nudge for b in budgets], values, label=label, **STYLES.get(label, dict(marker="o")))
+    ax.axhline(full, color="k", ls="--", lw=1, label=f"full cache ({full:.0f}%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("KV pairs kept per head (log scale)", fontsize=11)
+    ax.set_ylabel("exact-answer accuracy (%)", fontsize=11)
+    ax.tick_params(labelsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=10, loc="center right")
+    ax.set_title(title, fontsize=10.5)
     fig.tight_layout()
-    path = PLOTS / "quality_vs_budget.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    paths.append(path)
+    return path
 
+
+def plot_heatmap(
+    grids: dict[str, list[list[float]]], lengths: list[int], depths: list[float], title: str, path: Path
+) -> Path:
+    """single_needle accuracy per (needle depth, prompt length), one panel per policy, one shared colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 1.2, 3.4 * rows + 1.0), squeeze=False)
+    image = None
+    for ax, (name, grid) in zip(axes.flat, grids.items()):
+        image = ax.imshow([[100 * v for v in r] for r in grid], vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=9)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=8)
+        ax.set_xlabel("prompt tokens", fontsize=9)
+        ax.set_ylabel("needle depth (0 = start)", fontsize=9)
+    for ax in list(axes.flat)[len(grids) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    bar = fig.colorbar(image, cax=fig.add_axes((0.93, 0.15, 0.015, 0.7)))
+    bar.set_label("accuracy (%)", fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot(
+    results: dict, tasks: list[str], lengths: list[int], budgets: list[int], heat_budget: int, samples, n: int
+) -> list[Path]:
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    known = learned(results, tasks) or ["single_needle"]
+    series = {
+        p: [100 * sum(results[f"{p}@{b}"]["by_task"][t] for t in known) / len(known) for b in budgets] for p in PRUNING
+    }
+    full = 100 * sum(results["full"]["by_task"][t] for t in known) / len(known)
+    paths = [plot_budget(series, budgets, full, budget_title(known, lengths, n), PLOTS / "quality_vs_budget.png")]
     depths = sorted({s.depth for s in samples if s.task == "single_needle"})
     cols = ["full"] + [f"{p}@{heat_budget}" for p in PRUNING]
-    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 2.8), squeeze=False)
-    for ax, c in zip(axes[0], cols):
-        grid = [[results[c]["needle"].get(f"{n}/{d}", float("nan")) for n in lengths] for d in depths]
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(c, fontsize=9)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
-        ax.set_xlabel("prompt tokens", fontsize=8)
-    axes[0][0].set_ylabel("needle depth", fontsize=8)
-    fig.tight_layout()
-    path = PLOTS / "needle_heatmap.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    grids = {c: [[results[c]["needle"].get(f"{m}/{d}", float("nan")) for m in lengths] for d in depths] for c in cols}
+    paths.append(plot_heatmap(grids, lengths, depths, heatmap_title(heat_budget, n), PLOTS / "needle_heatmap.png"))
     return paths
+
+
+def budget_title(known: list[str], lengths: list[int], n: int) -> str:
+    return (
+        f"Accuracy vs KV budget on the tasks the default model learned ({', '.join(known)})\n"
+        f"embedded default model (0.5M-parameter LLaDA), greedy, CPU; prompts of {', '.join(map(str, lengths))} "
+        f"tokens,\n{n} samples per length; lines nudged sideways where policies share a value"
+    )
+
+
+def heatmap_title(budget: int, n: int) -> str:
+    return (
+        f"single_needle accuracy by needle depth and prompt length: full cache and each policy at {budget} KV "
+        f"pairs per head\nembedded default model (0.5M-parameter LLaDA), one sample per cell ({n} depths per "
+        "length), greedy, CPU"
+    )
+
+
+def replot(argv=None) -> None:
+    """--replot: the budget plot from RESULTS.md's retention table; the needle heatmap from a rerun of only
+    the single_needle samples of that run (full + each policy at the heat budget: seconds, not the grid)."""
+    text = RESULTS.read_text()
+    section = text[text.index("## Long-context quality") :]
+    section = section[: section.find("\n## ", 1)]
+    cmd = re.search(r"spaced, seed (\d+)", section)
+    seed = int(cmd.group(1))
+    n = int(re.search(r"(\d+) samples per \(task, length\)", section).group(1))
+    lengths = [int(x) for x in re.search(r"at lengths \[([\d, ]+)\]", section).group(1).split(",")]
+    head = re.search(r"Accuracy on the learned tasks \(([^)]*)\) .*?\((\d+)%\), per KV pairs per head:", section)
+    known, full = head.group(1).split(", "), float(head.group(2))
+    table = section[head.end() :].split("\n\n")[1].splitlines()
+    budgets = [int(c) for c in table[0].strip("| ").split(" | ")[1:]]
+    series = {}
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("| ").split("|")]
+        series[cells[0]] = [float(c.split("%")[0]) for c in cells[1:]]
+    paths = [plot_budget(series, budgets, full, budget_title(known, lengths, n), PLOTS / "quality_vs_budget.png")]
+    at = int(re.search(r"Accuracy per task at (\d+) KV pairs per head", section).group(1))
+    per_task = re.search(r"\| single_needle \| ([^\n]*) \|\n", section[section.index("Accuracy per task at") :])
+    expected = [float(c.strip().rstrip("%")) for c in per_task.group(1).split("|")][1:]  # drop none: full, ...@at
+    model = default_model_path()
+    samples = generate_suite(["single_needle"], lengths, n, seed, load_tokenizer(model))
+    depths = sorted({s.depth for s in samples})
+    grids = {}
+    for (name, policy, budget, config), want in zip(
+        [("full", "full", None, {})] + [(f"{p}@{at}", pol, at, cfg) for p, (pol, cfg) in PRUNING.items()], expected
+    ):
+        correct = run_policy(model, policy, budget, samples, config)
+        cell = accuracy(correct, samples, lambda s: (s.length, s.depth))
+        grids[name] = [[cell.get((m, d), float("nan")) for m in lengths] for d in depths]
+        got = 100 * sum(correct) / len(correct)
+        print(f"{name:>14}: {got:5.1f}% (RESULTS.md: {want:.0f}%)", flush=True)
+        if round(got) != round(want):
+            print(f"  warning: {name} does not reproduce RESULTS.md's single_needle accuracy", flush=True)
+    paths.append(plot_heatmap(grids, lengths, depths, heatmap_title(at, n), PLOTS / "needle_heatmap.png"))
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def main(argv=None) -> None:
@@ -163,7 +264,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--seed", type=int, default=20261126)
     p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md or the plots")
+    p.add_argument(
+        "--replot", action="store_true", help="redraw the plots from RESULTS.md (the heatmap reruns only its cells)"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        return replot()
     model = args.model or default_model_path()
     tasks = args.tasks.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -195,7 +301,9 @@ def main(argv=None) -> None:
     heat = args.heat_budget if args.heat_budget in budgets else budgets[len(budgets) // 2]
     table = "\n".join(markdown(results, tasks, budgets, heat))
     paths = (
-        plot(results, tasks, lengths, budgets, heat, samples) if "single_needle" in tasks and not args.no_write else []
+        plot(results, tasks, lengths, budgets, heat, samples, args.n)
+        if "single_needle" in tasks and not args.no_write
+        else []
     )
     per_length = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for task in tasks:

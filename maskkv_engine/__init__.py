@@ -2,8 +2,8 @@
 
 from maskkv_engine.engine.llm_engine import LLMEngine
 from maskkv_engine.llm import LLM
-from maskkv_engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from maskkv_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from maskkv_engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics"]
 __version__ = "0.1.0"

@@ -62,6 +62,10 @@ class LLM:
     def tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_tokenizer(self):
+        """The model's transformers tokenizer (None when the model has none or skip_tokenizer_init=True)."""
+        return self.llm_engine.tokenizer
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -70,8 +74,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt, batched; outputs in prompt order.
 
-        prompts: a string, a list of strings, a ``{"prompt_token_ids": [...]}`` dict or a list of them.
-        sampling_params: one for all prompts, or a list with one per prompt.
+        prompts: a string, a ``{"prompt": "..."}`` or ``{"prompt_token_ids": [...]}`` dict, or a list of them.
+        sampling_params: one for all prompts, or a list with one per prompt (``n`` > 1: one RequestOutput
+        per prompt with n completions).
         """
         prompts = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
@@ -132,16 +137,36 @@ class LLM:
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them), then generate."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no tokenizer with a chat template; use generate()")
+        """Apply a chat template (the model's, or ``chat_template``, a Jinja string) to one conversation or a
+        list of them, then generate. The keyword arguments are vLLM's and mean what they mean there."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (or skip_tokenizer_init=True); use generate() with token ids")
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: pass chat_template=... or use generate()")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.apply_chat_template(conv), "prompt": None} for conv in conversations]
+        options = dict(
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(chat_template_kwargs or {}),
+        )
+        prompts = [
+            {"prompt_token_ids": self.apply_chat_template(conv, **options), "prompt": None} for conv in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, conversation: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    def apply_chat_template(self, conversation: list[dict[str, str]], **options: Any) -> list[int]:
+        """Token ids of ``conversation`` under the chat template (``options``: transformers'
+        apply_chat_template keywords; add_generation_prompt defaults to True)."""
+        options.setdefault("add_generation_prompt", True)
+        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, **options)
         if not isinstance(ids, list):  # transformers >= 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

@@ -48,21 +48,44 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """vLLM's Logprob: a token's log-probability at the step that committed it, and its rank there (1 = top)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     """``token_ids``: generated tokens (the first EOS and what follows dropped when stop_at_eos).
 
-    finish_reason: 'stop' (an EOS ended it), 'length' (gen_length filled), 'abort', 'error' (the step
-    that ran it failed; ``RequestOutput.error`` says why).
+    index:         which of the request's ``n`` samples this is.
+    finish_reason: 'stop' (an EOS, a stop token id or a stop string ended it), 'length' (gen_length
+                   filled), 'abort', 'error' (the step that ran it failed; ``RequestOutput.error`` says why).
+    stop_reason:   the stop string or stop token id that ended it; None for EOS, 'length' and 'abort'.
+    logprobs:      with ``SamplingParams(logprobs=k)``, one dict per token of ``token_ids``: token id ->
+                   Logprob, the committed token and the step's top-k at that position; else None.
+    cumulative_logprob: the sum of the committed tokens' logprobs (with ``logprobs``), else None.
     """
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
+    """One request's result: ``outputs`` holds its ``n`` completions (index 0..n-1); ``finished`` is True once
+    every one of them is done (streamed intermediate outputs carry the completions stepped so far)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

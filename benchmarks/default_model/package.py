@@ -43,9 +43,10 @@ def write_model_card(model_dir: Path) -> Path:
     card = f"""# maskkv-engine default model
 
 A {summary["params"] / 1e6:.2f}M-parameter LLaDA (masked diffusion, bidirectional attention, RoPE) trained
-from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on a 2-core CPU in
-{summary["train_seconds"] / 60:.0f} minutes. It exists so that the engine, its tests and its benchmarks have a
-real model that needs its prompt: it is not a language model.
+from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on one thread of a 2-core
+CPU: {summary["train_seconds"] / 60:.0f} minutes of training ({summary["train_seconds"]:,} s, {summary["steps_done"]:,} steps)
+plus {summary["eval_seconds"] / 60:.0f} minutes of evaluation (`train_summary.json`). It exists so that the engine,
+its tests and its benchmarks have a real model that needs its prompt: it is not a language model.
 
 - Architecture: `LLaDAModelLM`, d_model {cfg["d_model"]}, {cfg["n_layers"]} layers, {cfg["n_heads"]} heads,
   MLP {cfg["mlp_hidden_size"]}, tied embeddings, max_sequence_length {cfg["max_sequence_length"]}; the released
@@ -67,6 +68,9 @@ keys among distractors within the CPU budget (see `benchmarks/train_default_mode
 
     python -m benchmarks.train_default_model --out benchmarks/out/default_model {flags}
     python -m benchmarks.default_model.package benchmarks/out/default_model
+
+The schedule is by steps (the same seed gives the same model); `--minutes {a["minutes"]:g}` only stops a run
+that overruns, it is not the expected time.
 """
     (model_dir / "README.md").write_text(card)
     return model_dir / "README.md"

@@ -308,7 +308,8 @@ def main(
     if args.plot:
         from maskkv_engine.benchmarks.plots import plot_speed_memory
 
-        plot_speed_memory(results, args.plot, f"{shape_text.split(':')[0]} on {device.type}")
+        title = f"Speed and memory per KV policy, one request at a time\n{shape_text} on {common.machine(device)}"
+        plot_speed_memory(results, args.plot, title, cfg=cfg, elem=elem)
         body += ["", f"Plot: `{args.plot.name}`"]
     if device.type == "cpu":
         body += ["", "### GPU (triton, bfloat16, `llada-8b`)", "", *gpu_section(script)]

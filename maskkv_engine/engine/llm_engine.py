@@ -14,6 +14,8 @@ from maskkv_engine.attention.selector import get_attention_backend
 from maskkv_engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.engine.model_runner import ModelRunner
+from maskkv_engine.engine.output_processor import finish_on_stop_string, make_completion, request_stop_rules
+from maskkv_engine.engine.parallel_sampling import ParentRequests
 from maskkv_engine.engine.request import Request, RequestStatus
 from maskkv_engine.engine.scheduler import Scheduler
 from maskkv_engine.kv.planner import KVPlanner
@@ -21,7 +23,7 @@ from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
 from maskkv_engine.models.loader import load_model, read_hf_config, resolve_dtype
 from maskkv_engine.models.registry import parse_config
-from maskkv_engine.outputs import CompletionOutput, RequestOutput
+from maskkv_engine.outputs import RequestOutput
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.registry import get_refresh
 from maskkv_engine.sampling.sampler import Sampler
@@ -71,6 +73,7 @@ class LLMEngine:
             )
         self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
         self._requests: dict[str, Request] = {}
+        self._parents = ParentRequests()  # SamplingParams.n > 1: parent id -> child requests
         self._counter = itertools.count()
         self.stream_callbacks: list[Callable[[RequestOutput], None]] = []
 
@@ -152,10 +155,8 @@ class LLMEngine:
             used_elsewhere = total - free
             num_pages = int((total * util - used_elsewhere) * 0.8) // page_bytes  # 20% left for activations
         else:
-            if cache.gpu_memory_utilization is not None:
-                raise ValueError(
-                    "gpu_memory_utilization applies to GPUs; on the CPU size the pool with kv_memory_bytes or num_pages"
-                )
+            if cache.gpu_memory_utilization is not None:  # a GPU script should run unchanged on a laptop
+                logger.warning("gpu_memory_utilization is ignored on the CPU (pool: kv_memory_bytes or num_pages)")
             num_pages = DEFAULT_CPU_KV_BYTES // page_bytes
         if num_pages < 1:
             raise ValueError(
@@ -177,14 +178,19 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._parents:
             raise ValueError(f"request_id={request_id!r} is already in use")
+        if params.n > 1:
+            return self._add_parent(request_id, prompt, params, arrival_time)
         text, token_ids = self._tokenize(prompt)
         self._validate(params, token_ids)
         refresh = self._refresh_for(params)
         index = next(self._counter)
         seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + index
         budget = self.planner.budget(params.kv_budget, self.config.kv_budget)
+        params, stop_ids = request_stop_rules(
+            params, self.stop_token_ids, self.model_config.mask_token_id, self.tokenizer is not None
+        )
         req = Request(
             request_id,
             text,
@@ -192,7 +198,7 @@ class LLMEngine:
             params,
             arrival_time if arrival_time is not None else time.monotonic(),
             self.model_config.mask_token_id,
-            self.stop_token_ids,
+            stop_ids,
             self.model_config.logits_shift,
             seed,
             budget,
@@ -215,6 +221,20 @@ class LLMEngine:
         self._requests[request_id] = req
         self.scheduler.add(req)
         return req
+
+    def _add_parent(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time) -> Request:
+        """SamplingParams.n > 1: n child requests (parallel_sampling.py); all added, or none."""
+        children = ParentRequests.fan_out(request_id, params)
+        added: list[Request] = []
+        try:
+            for child_id, child_params in children:
+                added.append(self.add_request(child_id, prompt, child_params, arrival_time))
+        except Exception:
+            for req in added:
+                self.abort_request(req.request_id)
+            raise
+        self._parents.add(request_id, [cid for cid, _ in children])
+        return added[0]
 
     def _refresh_for(self, params: SamplingParams) -> RefreshStrategy:
         """The request's refresh strategy (its own when SamplingParams names one), checked against the policy."""
@@ -244,9 +264,11 @@ class LLMEngine:
         return self.planner.pages_needed(req.policy_ctx, req.kv_plan)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
+            prompt = prompt["prompt"]  # vLLM's TextPrompt
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt needs the key 'prompt_token_ids'")
+                raise ValueError("a dict prompt needs the key 'prompt_token_ids' (token ids) or 'prompt' (text)")
             ids = prompt["prompt_token_ids"]
             text = prompt.get("prompt")
         elif isinstance(prompt, str):
@@ -307,7 +329,10 @@ class LLMEngine:
             )
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and free everything it holds. Returns False if it is unknown or done."""
+        """Stop a request now and free everything it holds. Returns False if it is unknown or done.
+        A parent of n samples aborts every child."""
+        if request_id in self._parents:
+            return any([self.abort_request(child) for child in self._parents.pop(request_id)])
         req = self._requests.pop(request_id, None)
         if req is None or req.finished:
             return False
@@ -355,8 +380,37 @@ class LLMEngine:
         done = time.monotonic()
         want_intermediate = intermediate or bool(self.stream_callbacks)
         for item, res in zip(out.scheduled, results):
+<<<<<<< HEAD
             if res is not None:  # None: a layer chunk of a long first pass, nothing to commit yet
                 self._guarded(item.request, outputs, self._update, item, res, now, done, want_intermediate, outputs)
+=======
+            req = item.request
+            m = req.metrics
+            if res is None:  # a layer chunk of a long first pass: nothing to commit yet
+                continue
+            m.num_steps += 1
+            if item.full_pass:
+                m.num_full_passes += 1
+                if m.prefill_time is None:  # from its first chunk when the pass was split
+                    m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
+            if item.capture:
+                req.kv_ready = True
+            if self.block_manager is not None:
+                m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
+            committed = self.sampler.commit(req, res.positions, res.logits)
+            m.committed_per_step.append(int(committed.numel()))
+            state = req.refresh_state
+            state.after_step(self.model_config.num_layers, committed)
+            m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
+            if req.check_finished() or finish_on_stop_string(req, self._decode):
+                m.finished_time = time.monotonic()
+                self.scheduler.finish(req)
+                self._requests.pop(req.request_id, None)
+                outputs.append(self._output(req))
+            elif want_intermediate:
+                outputs.append(self._output(req))
+        outputs = self._parents.gather(outputs)  # n > 1: children's outputs become their parent's
+>>>>>>> vllm-names
         for cb in self.stream_callbacks:
             for o in outputs:
                 cb(o)
@@ -406,16 +460,15 @@ class LLMEngine:
         return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:
-        token_ids = req.output_token_ids()
-        req.metrics.num_generated_tokens = len(token_ids)
+        completion = make_completion(req, 0, self._decode, self.tokenizer)  # stops, stop_reason, logprobs
+        req.metrics.num_generated_tokens = len(completion.token_ids)
         finished = req.finished
-        text = self._decode(token_ids) if finished or self.tokenizer is not None else ""
         canvas = None if finished else req.response.tolist()
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            outputs=[CompletionOutput(0, text, token_ids, req.status.value if finished else None)],
+            outputs=[completion],
             finished=finished,
             metrics=req.metrics,
             canvas_token_ids=canvas,

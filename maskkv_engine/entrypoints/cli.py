@@ -8,6 +8,7 @@ import sys
 import time
 
 from maskkv_engine.entrypoints.openai.cli_args import add_serve_args, cmd_serve
+from maskkv_engine.sampling_params import DEFAULT_GEN_LENGTH
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="read the prompt text from this file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--gen-length", type=int, default=32)
+    g.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH, help="response tokens (default: %(default)s)")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--block-length", type=int, default=None)
     g.add_argument("--temperature", type=float, default=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from maskkv_engine.engine.request import Request
+from maskkv_engine.sampling.logprobs import record_logprobs
 from maskkv_engine.sampling.remasking import dream_choose, llada_choose
 from maskkv_engine.sampling.schedule import dream_transfer_probability
 from maskkv_engine.sampling.selection import select_factor, select_sampled, select_threshold, select_top_k
@@ -33,6 +34,7 @@ class Sampler:
     def commit(self, request: Request, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """positions [C] (absolute, masked), logits [C, V] for them. Writes the committed tokens into the
         request's canvas, advances its schedule, and returns the committed positions."""
+        scores = logits  # what the model gave: logprobs report these, not the restricted ones
         logits = self.allowed(logits)
         p = request.params
         state = request.state
@@ -46,7 +48,7 @@ class Sampler:
                     x0, _ = dream_choose(logits[chosen], "origin", p.temperature, p.top_p, p.top_k, gen)
                 else:
                     x0 = chosen
-                return self._write(request, positions, chosen, x0, all_tokens=False)
+                return self._write(request, positions, chosen, x0, all_tokens=False, logits=scores)
             x0, confidence = dream_choose(logits, p.remasking, p.temperature, p.top_p, p.top_k, gen)
             if p.parallel_decoding:
                 chosen = self._parallel(confidence, p)
@@ -62,7 +64,7 @@ class Sampler:
                 chosen = self._parallel(confidence, p)
             else:
                 chosen = select_top_k(confidence, state.num_to_commit(int(positions.numel())))
-        return self._write(request, positions, chosen, x0, all_tokens=True)
+        return self._write(request, positions, chosen, x0, all_tokens=True, logits=scores)
 
     @staticmethod
     def _parallel(confidence: torch.Tensor, p) -> torch.Tensor:
@@ -71,10 +73,12 @@ class Sampler:
         return select_factor(confidence, p.factor)
 
     @staticmethod
-    def _write(request: Request, positions, chosen, x0, all_tokens: bool) -> torch.Tensor:
+    def _write(request: Request, positions, chosen, x0, all_tokens: bool, logits: torch.Tensor) -> torch.Tensor:
         chosen = chosen.cpu()
         committed = positions.cpu()[chosen]
         tokens = (x0.cpu()[chosen] if all_tokens else x0.cpu()).to(torch.long)
+        if request.params.logprobs is not None:  # SamplingParams.logprobs: scores at the commit step
+            record_logprobs(request, committed, tokens, logits[chosen.to(logits.device)])
         request.tokens[committed] = tokens
         request.state.advance(request.tokens, request.mask_id)
         return committed

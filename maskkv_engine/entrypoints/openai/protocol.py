@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from maskkv_engine.sampling_params import SamplingParams
+from maskkv_engine.sampling_params import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, SamplingParams
 
 # OpenAI's documented default for /v1/completions; chat has no limit in OpenAI, and a diffusion
 # canvas must have one, so chat uses the engine's default gen_length (or what room the prompt leaves).
-COMPLETION_DEFAULT_MAX_TOKENS = 16
-CHAT_DEFAULT_MAX_TOKENS = SamplingParams.gen_length
+COMPLETION_DEFAULT_MAX_TOKENS = DEFAULT_COMPLETION_MAX_TOKENS
+CHAT_DEFAULT_MAX_TOKENS = DEFAULT_CHAT_MAX_TOKENS
 
 
 class OpenAIBaseModel(BaseModel):
