@@ -82,11 +82,11 @@ class EngineConfig:
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    backend: str = "native"  # 'vllm': vLLM computes the forward passes (plugins/vllm_maskkv)
+    backend: str = "native"  # or a runner from the maskkv_engine.model_runners entry points ('vllm': the plugin)
 
     def __post_init__(self) -> None:
-        if self.backend not in ("native", "vllm"):
-            raise ValueError(f"backend={self.backend!r} is not supported (allowed: 'native', 'vllm')")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend={self.backend!r} must be 'native' or a registered runner name such as 'vllm'")
         if self.kv_budget is not None and (not isinstance(self.kv_budget, int) or self.kv_budget < 1):
             raise ValueError(f"kv_budget={self.kv_budget!r} must be an integer >= 1 (KV pairs per head) or None")
         self.kv_policy_config = {} if self.kv_policy_config is None else self.kv_policy_config

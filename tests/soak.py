@@ -42,7 +42,7 @@ def check_accounting(llm) -> str | None:
         bm.check_invariants()
     except AssertionError as e:
         return f"invariants: {e}"
-    live = set(engine._requests)
+    live = set(engine.scheduler.requests)
     running = {r.request_id for r in engine.scheduler.running}
     if not set(bm.live_requests) <= running <= live:
         return f"pages held by {sorted(set(bm.live_requests) - running)}, not running"
@@ -92,8 +92,8 @@ def run_soak(ops: int, seed: int, root: Path, engines_per_policy: int = 1) -> So
                 report.adds += 1
             except ValueError:
                 report.rejected += 1
-        elif action < 0.4 and engine._requests:
-            live = sorted(engine._requests)
+        elif action < 0.4 and engine.scheduler.requests:
+            live = sorted(engine.scheduler.requests)
             engine.abort_request(live[int(torch.randint(len(live), (1,), generator=rng))])
             report.aborts += 1
         else:
@@ -108,7 +108,7 @@ def run_soak(ops: int, seed: int, root: Path, engines_per_policy: int = 1) -> So
     for _, llm, _ in engines:  # drain: half the engines finish their work, the other half abort it
         engine = llm.llm_engine
         if float(torch.rand((), generator=rng)) < 0.5:
-            for rid in list(engine._requests):
+            for rid in list(engine.scheduler.requests):
                 engine.abort_request(rid)
         for out in engine.run_to_completion():
             if out.error is not None:

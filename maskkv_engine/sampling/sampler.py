@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from maskkv_engine.engine.request import Request
+from maskkv_engine.request import Request
 from maskkv_engine.sampling.logprobs import record_logprobs
 from maskkv_engine.sampling.remasking import dream_choose, llada_choose
 from maskkv_engine.sampling.schedule import dream_transfer_probability

@@ -1,6 +1,7 @@
 """maskkv-engine's ``backend="vllm"``: our scheduler, denoising loop and schedules; vLLM's forward.
 
-Same contract as ``maskkv_engine.engine.model_runner.ModelRunner.execute`` for full passes: per scheduled
+Registered in the entry-point group ``maskkv_engine.model_runners`` (``build_runner``), so maskkv-engine
+finds it without importing the plugin. The ModelRunner contract (``maskkv_engine.runner_api``): per scheduled
 request, the logits of the positions it may commit this step. Every step is one full bidirectional pass
 over [prompt + canvas] on vLLM's pooling path (level 1), so decoding equals our reference decoder
 (``kv_policy="none"``). KV policies are not available here: their pruned per-head pages live in our own
@@ -14,10 +15,30 @@ from vllm import LLM
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
-from maskkv_engine.config import SchedulerConfig
-from maskkv_engine.engine.model_runner import StepResult
-from maskkv_engine.engine.scheduler import ScheduledRequest
-from maskkv_engine.models.config import DiffusionLMConfig
+from maskkv_engine.runner_api import (
+    DiffusionLMConfig,
+    EngineConfig,
+    ScheduledRequest,
+    SchedulerConfig,
+    StepResult,
+    guided_logits,
+    unconditional_tokens,
+)
+
+
+def build_runner(
+    config: EngineConfig, model_config: DiffusionLMConfig, dtype: torch.dtype, max_model_len: int, device
+) -> VLLMModelRunner:
+    """backend='vllm': vLLM's pooling path computes every forward; our weights are never loaded. Exact
+    reference decoding only: KV policies prune pages that live in maskkv-engine's own runner."""
+    if config.kv_policy != "none":
+        raise ValueError(
+            f"backend='vllm' decodes with full recompute only: kv_policy={config.kv_policy!r} is not available "
+            "(set kv_policy='none'; KV policies run on backend='native')"
+        )
+    if config.attention_backend is not None or config.load_format != "auto":
+        raise ValueError("attention_backend and load_format apply to backend='native'; vLLM chooses its own")
+    return VLLMModelRunner(config.model, model_config, dtype, max_model_len, config.scheduler, config.seed, device)
 
 
 class VLLMModelRunner:
@@ -65,20 +86,18 @@ class VLLMModelRunner:
             req = item.request
             candidates.append(req.state.candidates(req.tokens, req.mask_id))
             prompts.append(TokensPrompt(prompt_token_ids=req.tokens.tolist()))
-            if req.params.cfg_scale > 0:  # LLaDA's unconditional branch: the prompt masked out
-                uncond = req.tokens.clone()
-                uncond[: req.prompt_len] = req.mask_id
+            if req.params.cfg_scale > 0:
+                uncond = unconditional_tokens(req.tokens, req.prompt_len, req.mask_id)
                 prompts.append(TokensPrompt(prompt_token_ids=uncond.tolist()))
         outputs = iter(self.llm.encode(prompts, pooling_task="token_classify", use_tqdm=False))
 
-        shift = 1 if self.config.logits_shift else 0  # Dream: row i predicts token i+1
         results = []
         for item, cand in zip(scheduled, candidates):
-            rows = cand - shift
+            rows = self.config.logit_rows(cand)
             logits = next(outputs).outputs.data[rows]
             cfg = item.request.params.cfg_scale
             if cfg > 0:
                 uncond = next(outputs).outputs.data[rows]
-                logits = uncond + (cfg + 1) * (logits - uncond)
+                logits = guided_logits(logits, uncond, cfg)
             results.append(StepResult(positions=cand, logits=logits.to(self.device)))
         return results

@@ -1,14 +1,22 @@
-"""A request's state: its tokens (prompt + response canvas), its place in the schedule, its status."""
+"""The per-request record at the bottom of the house: its tokens (prompt + response canvas), its status and
+the state each contract keeps for it. It imports nothing from engine/, kv/, refresh/ or sampling/: the engine
+fills the contract fields when it admits the request, and each contract reads only its own field.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from maskkv_engine.outputs import RequestMetrics
-from maskkv_engine.sampling.denoise_state import DenoiseState
 from maskkv_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the record never imports the contracts at run time
+    from maskkv_engine.kv.base import BudgetPlan, PolicyContext
+    from maskkv_engine.refresh.base import RefreshState
+    from maskkv_engine.sampling.denoise_state import DenoiseState
 
 
 class RequestStatus(enum.Enum):
@@ -56,16 +64,20 @@ class Request:
                 torch.full((params.gen_length,), mask_id, dtype=torch.long),
             ]
         )
-        self.state = DenoiseState(params, self.prompt_len, dream=logits_shift)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.status = RequestStatus.WAITING
         self.num_layers = num_layers
         self.uses_cache = uses_cache  # False with kv_policy='none'
         self.kv_ready = False  # prompt KV written into pages (after the first full pass)
-        self.refresh_state = None  # set by the engine from the request's refresh strategy
-        self.prefill = None  # a first pass split over steps by layers: its progress (model_runner.PrefillProgress)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.error: str | None = None  # set when a step that ran this request failed
+        # ---- each contract's state, set by the engine when the request is added ----------------------
+        self.state: DenoiseState | None = None  # decoding rule: where it stands in its schedule
+        self.refresh_state: RefreshState | None = None  # refresh strategy: what each step recomputes
+        self.policy_ctx: PolicyContext | None = None  # KV policy: the shape facts of this request
+        self.kv_plan: BudgetPlan | None = None  # KV policy: budgets, None when decided online at the first pass
+        self.collect_stats = False  # KV policy: measure layer importance / prompt preference online
+        self.prefill: Any = None  # a first pass split over steps by layers: its progress (the runner's)
 
     @property
     def num_tokens(self) -> int:
