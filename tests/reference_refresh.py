@@ -1,7 +1,10 @@
-"""Independent single-sequence decoders with KV reuse, written from the methods' descriptions
-(shared/REFRESH.md) on top of the naive float64 LLaDA, to compare the batched paged engine with.
+"""Independent single-sequence decoders with KV reuse, transcribed from the official code of each
+method (NVlabs/Fast-dLLM llada/generate.py, maomaocun/dLLM-cache dllm_cache/hooks/cache_hook_LLaDA.py,
+VILA-Lab/Elastic-Cache llada/generate.py + model/modeling_llada.py; see shared/REFRESH.md) on top of
+the naive float64 LLaDA, to compare the batched paged engine with.
 
-Greedy, LLaDA low-confidence remasking, batch of one, the prompt cached in full.
+Greedy, LLaDA low-confidence remasking, batch of one, the prompt cached in full. Where the engine
+deliberately differs from the official code (docs/refresh.md), the decoder says so at that line.
 """
 
 from __future__ import annotations
@@ -51,6 +54,100 @@ def prefix_cache_generate(m: NaiveLLaDA, prompt, steps, gen_length, block_length
                 logits[rows] = logits_rows
             cand = (x[s:e] == mask_id).nonzero().squeeze(-1) + s
             _commit(x, logits[cand], cand, counts[i], mask_id)
+    return x[p:].tolist()
+
+
+def _attention_out(m: NaiveLLaDA, layer, q, keys, values):
+    """Attention block output (after attn_out) of queries q over the given keys / values."""
+    v = values.transpose(0, 1).repeat_interleave(m.nh // m.nkv, dim=0)
+    att = (m.probs(q, keys) @ v).transpose(0, 1).reshape(q.shape[0], m.d)
+    return att @ m.w[f"model.transformer.blocks.{layer}.attn_out.weight"].T
+
+
+def _mlp_out(m: NaiveLLaDA, layer, x):
+    """MLP block output (after ff_out), without the residual."""
+    p = f"model.transformer.blocks.{layer}."
+    h = m.rms(x, m.w[p + "ff_norm.weight"])
+    gate, up = h @ m.w[p + "ff_proj.weight"].T, h @ m.w[p + "up_proj.weight"].T
+    return (F.silu(gate) * up) @ m.w[p + "ff_out.weight"].T
+
+
+def dllm_cache_generate(m: NaiveLLaDA, prompt, steps, gen_length, block_length, mask_id, K_p, K_r, rho):
+    """dLLM-Cache as its official LLaDA hook runs it (cache_hook_feature): per forward s (1-based) and
+    layer, the prompt is refreshed when (s-1) % K_p == 0, the response when (s-1) % K_r == 0, layer 0
+    always both. Cached per part: K, V, attention output, MLP output. V-verify runs only when
+    0 < rho <= 1 (the hook's ``transfer``); only then is the response V replaced between refreshes."""
+    p, n, num_layers = len(prompt), len(prompt) + gen_length, m.num_layers
+    x = torch.full((n,), mask_id, dtype=torch.long)
+    x[:p] = torch.tensor(prompt)
+    pos_p, pos_g = list(range(p)), list(range(p, n))
+    transfer = 0 < rho <= 1
+    cache: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+    num_blocks = gen_length // block_length
+    spb = steps // num_blocks
+    s = 0
+    for b in range(num_blocks):
+        lo, hi = p + b * block_length, p + (b + 1) * block_length
+        n_masks = int((x[lo:hi] == mask_id).sum())
+        counts = [n_masks // spb + (i < n_masks % spb) for i in range(spb)]
+        for i in range(spb):
+            s += 1
+            h = m.embed(x.tolist())
+            for layer in range(num_layers):
+                c = cache[layer]
+                ref_g = (s - 1) % K_r == 0 or layer == 0
+                ref_p = (s - 1) % K_p == 0 or layer == 0
+                idx = None
+                if ref_g and ref_p:  # both: everything recomputed
+                    q, k, v = m.qkv(layer, h, list(range(n)))
+                    c["pk"], c["pv"], c["gk"], c["gv"] = k[:p].clone(), v[:p].clone(), k[p:].clone(), v[p:].clone()
+                    att = _attention_out(m, layer, q, k, v)
+                    c["ap"], c["ag"] = att[:p].clone(), att[p:].clone()
+                elif ref_g:  # response only: prompt K/V and attention from the cache
+                    q, k, v = m.qkv(layer, h[p:], pos_g)
+                    c["gk"], c["gv"] = k.clone(), v.clone()
+                    c["ag"] = _attention_out(m, layer, q, torch.cat([c["pk"], k]), torch.cat([c["pv"], v]))
+                    att = torch.cat([c["ap"], c["ag"]])
+                else:
+                    if ref_p:
+                        qp, kp, vp = m.qkv(layer, h[:p], pos_p)
+                        c["pk"], c["pv"] = kp.clone(), vp.clone()
+                    if transfer:  # V-verify: V of every response row, the least similar rows recomputed
+                        qg, kg, vg = m.qkv(layer, h[p:], pos_g)
+                        sim = F.cosine_similarity(vg.reshape(gen_length, -1), c["gv"].reshape(gen_length, -1), dim=-1)
+                        idx = torch.topk(sim, int(gen_length * rho), largest=False).indices
+                        c["gv"] = vg.clone()
+                        c["gk"][idx] = kg[idx]
+                    keys, values = torch.cat([c["pk"], c["gk"]]), torch.cat([c["pv"], c["gv"]])
+                    if ref_p:
+                        queries = torch.cat([qp, qg[idx]]) if transfer else qp
+                        out = _attention_out(m, layer, queries, keys, values)
+                        c["ap"] = out[:p].clone()
+                        if transfer:
+                            c["ag"][idx] = out[p:]
+                    elif transfer:
+                        c["ag"][idx] = _attention_out(m, layer, qg[idx], keys, values)
+                    att = torch.cat([c["ap"], c["ag"]])
+                h = h + att
+                if ref_g and ref_p:
+                    mlp = _mlp_out(m, layer, h)
+                    c["mp"], c["mg"] = mlp[:p].clone(), mlp[p:].clone()
+                elif ref_g:
+                    c["mg"] = _mlp_out(m, layer, h[p:])
+                else:
+                    rows = h[:p] if ref_p else h[:0]
+                    if transfer:
+                        rows = torch.cat([rows, h[p:][idx]])
+                    out = _mlp_out(m, layer, rows)
+                    if ref_p:
+                        c["mp"] = out[:p].clone()
+                    if transfer:
+                        c["mg"][idx] = out[out.shape[0] - idx.numel() :]
+                h = h + torch.cat([c["mp"], c["mg"]])
+            logits = m.logits(h)
+            cand = (x[lo:hi] == mask_id).nonzero().squeeze(-1) + lo
+            if counts[i] > 0:
+                _commit(x, logits[cand], cand, counts[i], mask_id)
     return x[p:].tolist()
 
 
