@@ -153,13 +153,15 @@ def dllm_cache_generate(m: NaiveLLaDA, prompt, steps, gen_length, block_length, 
 
 def elastic_generate(
     m: NaiveLLaDA, prompt, gen_length, mask_id, eos_ids, gamma=0.9, window=16, track_num=1, block_caching=True,
-    early_stop=True, block_length=None, steps=None, threshold=None,
+    early_stop=True, block_length=None, steps=None, threshold=None, return_steps=False,
 ):  # fmt: skip
-    """Elastic-Cache as its official LLaDA code runs it, with the engine's documented adaptations: the
-    prompt's K/V are frozen after the first pass and tracked tokens are response positions.
+    """Elastic-Cache as its official LLaDA code runs it (generate_with_elastic_cache and
+    LLaDABlock.attention), with the engine's documented adaptations: the prompt's K/V are frozen after
+    the first pass and tracked tokens are response positions.
 
     window: an int (sliding window of the leftmost masks, one token per step unless ``threshold``), or
     'block' (the window is the current block; LLaDA's fixed schedule with ``block_length`` / ``steps``).
+    return_steps: also return the number of forward passes.
     """
     p, n, num_layers = len(prompt), len(prompt) + gen_length, m.num_layers
     x = torch.full((n,), mask_id, dtype=torch.long)
@@ -171,33 +173,42 @@ def elastic_generate(
     track: dict[int, torch.Tensor] = {}
     block, step_in_block, counts = 0, 0, None
     spb = None if window != "block" else steps // (gen_length // block_length)
+    # official `masked_position`: the decoding region's masks (response rows); cut ONCE, at the first step
+    # that commits an EOS, to the masks before the leftmost EOS committed by that step
+    region = torch.arange(gen_length)
+    decoded_eos = False
 
     def candidates():
-        resp = x[p:]
         if window == "block":
             lo = block * block_length
-            return (resp[lo : lo + block_length] == mask_id).nonzero().squeeze(-1) + lo + p
-        masks = (resp == mask_id).nonzero().squeeze(-1)
-        stops = torch.isin(resp, eos).nonzero()
-        if early_stop and stops.numel():
-            masks = masks[masks < int(stops[0])]
-        return masks[:window] + p
+            return (x[p + lo : p + lo + block_length] == mask_id).nonzero().squeeze(-1) + lo + p
+        return region[:window] + p
 
-    def tracked_from(layer, wrows_q, keys, key_pos):
-        probs = m.probs(wrows_q, keys)  # [H, w, m]
+    def tracked_from(layer, mrows_q, keys, key_pos):
+        """Official: attention summed over heads and the queried mask rows; the region's masks score 0
+        (masks cut off by the early stop do not); the top ``track_num``. Adaptation: only response
+        positions that are not region masks can be tracked, so nothing is tracked before one exists."""
+        probs = m.probs(mrows_q, keys)  # [H, w, m]
         score = torch.zeros(n, dtype=torch.float64)
         score.index_add_(0, key_pos, probs.sum(dim=(0, 1)))
         score = score[p:]
-        score[x[p:] == mask_id] = 0.0
-        track[layer] = torch.topk(score, min(track_num, score.numel())).indices
+        allowed = torch.ones(gen_length, dtype=torch.bool)
+        allowed[region] = False
+        idx = allowed.nonzero().squeeze(-1)
+        top = torch.topk(score[idx], min(track_num, idx.numel())).indices
+        track[layer] = idx[top]
 
     new_rows = torch.zeros(0, dtype=torch.long)
     first = True
+    num_steps = 0
     while True:
+        if window == "block":
+            region = (x[p:] == mask_id).nonzero().squeeze(-1)
         cand = candidates()
         if cand.numel() == 0:
             break
         wrows = cand - p  # active rows of the window
+        mrows = wrows if block_caching else region  # official `query_masked_position`
         if first:
             h = m.embed(x.tolist())
             pos_all = torch.arange(n)
@@ -206,7 +217,7 @@ def elastic_generate(
                 q, k, v = m.qkv(layer, h, pos_all.tolist())
                 qc[layer], kc[layer], vc[layer] = q[p:].clone(), k[p:].clone(), v[p:].clone()
                 pk[layer], pv[layer] = k[:p].clone(), v[:p].clone()
-                tracked_from(layer, q[cand], k, pos_all)
+                tracked_from(layer, q[mrows + p], k, pos_all)
                 h = m.finish(layer, h, q, k, v)
             logits = m.logits(h[cand])
             first = False
@@ -214,7 +225,7 @@ def elastic_generate(
             t_rows = torch.unique(torch.cat(list(track.values())))
             rows = [wrows, new_rows, t_rows]
             if not block_caching:
-                rows.append((x[p:] == mask_id).nonzero().squeeze(-1))
+                rows.append(region)
             qrows = torch.unique(torch.cat(rows))
             start = num_layers
             h = m.embed(x[act[qrows]].tolist())
@@ -226,12 +237,13 @@ def elastic_generate(
                     kc[layer][qrows], vc[layer][qrows], qc[layer][qrows] = k, v, q
                     keys = torch.cat([pk[layer], kc[layer]])
                     values = torch.cat([pv[layer], vc[layer]])
-                    a_old = m.probs(q_old, torch.cat([pk[layer], k_old]))
-                    a_new = m.probs(qc[layer][t_rows], keys)
-                    if F.cosine_similarity(a_old, a_new, dim=0).mean() < gamma:
-                        start = layer + 1
-                    w_local = torch.searchsorted(qrows, wrows)
-                    tracked_from(layer, q[w_local], keys, torch.arange(n))
+                    if t_rows.numel():
+                        a_old = m.probs(q_old, torch.cat([pk[layer], k_old]))
+                        a_new = m.probs(qc[layer][t_rows], keys)
+                        if F.cosine_similarity(a_old, a_new, dim=0).mean() < gamma:
+                            start = layer + 1
+                    m_local = torch.searchsorted(qrows, mrows)
+                    tracked_from(layer, q[m_local], keys, torch.arange(n))
                     h = m.finish(layer, h, q, keys, values)
                 else:  # refresh: every active row from its cached layer input
                     if layer == start:
@@ -242,10 +254,11 @@ def elastic_generate(
                     q, k, v = m.qkv(layer, h, act.tolist())
                     qc[layer], kc[layer], vc[layer] = q.clone(), k.clone(), v.clone()
                     keys, values = torch.cat([pk[layer], k]), torch.cat([pv[layer], v])
-                    tracked_from(layer, q[wrows], keys, torch.arange(n))
+                    tracked_from(layer, q[mrows], keys, torch.arange(n))
                     h = m.finish(layer, h, q, keys, values)
             out_rows = wrows if start < num_layers else torch.searchsorted(qrows, wrows)
             logits = m.logits(h[out_rows])
+        num_steps += 1
         if window == "block":
             if counts is None:
                 counts = [cand.numel() // spb + (i < cand.numel() % spb) for i in range(spb)]
@@ -257,5 +270,11 @@ def elastic_generate(
                     break
         else:
             committed = _commit(x, logits, cand, 1, mask_id, threshold)
+            region = region[~torch.isin(region, committed - p)]
+            eos_pos = committed[torch.isin(x[committed], eos)] - p
+            if early_stop and not decoded_eos and eos_pos.numel():
+                decoded_eos = True
+                region = region[region < int(eos_pos.min())]
         new_rows = committed - p
-    return x[p:].tolist()
+    out = x[p:].tolist()
+    return (out, num_steps) if return_steps else out
