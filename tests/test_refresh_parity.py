@@ -178,3 +178,20 @@ def test_elastic_tracks_only_committed_tokens_when_fewer_than_track_num():
     state.region_positions = torch.tensor([0, 1, 3])  # 4 and 5 cut off by an early stop: trackable
     state._track(0, q, k, full=True)
     assert sorted(state.track[0].tolist()) == [2, 4, 5]
+
+
+def test_elastic_early_stop_cuts_at_the_model_eos_unless_asked_for_every_stop_token():
+    """Official: the cut is at `eos_id` only; a chat end-of-turn token the engine also stops on does not cut
+    unless stop_tokens='all'."""
+
+    class Req:
+        params, prompt_len, logits_shift, num_layers = SamplingParams(gen_length=6), 2, False, 1
+        stop_token_ids, eos_token_ids = (5, 6), (5,)
+
+    tokens = torch.tensor([1, 2, 99, 6, 99, 99, 5, 99])  # end-of-turn (6) at 1, EOS (5) at 4
+    for stop_tokens, region in (("eos", [2, 4, 5]), ("all", [2])):
+        req = Req()
+        ElasticCache(stop_tokens=stop_tokens).new_state(req)
+        assert req.state.region(tokens, 99).tolist() == region
+    with pytest.raises(ValueError, match="stop_tokens='eot' must be 'eos' or 'all'"):
+        ElasticCache(stop_tokens="eot")

@@ -191,6 +191,7 @@ class LLMEngine:
             uses_cache=self.policy.caches,
             num_layers=self.model_config.num_layers,
         )
+        req.eos_token_ids = tuple(i for i in self.model_config.eos_token_ids if i in self.stop_token_ids)
         refresh.check(req)
         req.refresh_state = refresh.new_state(req)
         req.policy_ctx = self.planner.context(req.n_cached, req.prompt_len, req.num_tokens, budget)

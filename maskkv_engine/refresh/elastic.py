@@ -253,6 +253,7 @@ class ElasticCache(RefreshStrategy):
     track_num: int = 1  # most attended tokens tracked per layer
     block_caching: bool = True  # masks outside the window are not queried
     early_stop: bool = True  # masks after the first committed EOS are never decoded
+    stop_tokens: str = "eos"  # what early_stop cuts at: 'eos' (the model's EOS, official) or 'all' (every stop id)
 
     def __post_init__(self) -> None:
         if not isinstance(self.gamma, (int, float)):
@@ -261,11 +262,14 @@ class ElasticCache(RefreshStrategy):
             raise ValueError(f"window={self.window!r} must be an integer >= 1 or 'block'")
         if not isinstance(self.track_num, int) or self.track_num < 1:
             raise ValueError(f"track_num={self.track_num!r} must be an integer >= 1")
+        if self.stop_tokens not in ("eos", "all"):
+            raise ValueError(f"stop_tokens={self.stop_tokens!r} must be 'eos' or 'all'")
 
     def new_state(self, request) -> RefreshState:
         if self.window != "block":
             p = request.params
+            stops = request.eos_token_ids if self.stop_tokens == "eos" else request.stop_token_ids
             request.state = SlidingWindowState(
-                p, request.prompt_len, request.logits_shift, self.window, self.early_stop, request.stop_token_ids
+                p, request.prompt_len, request.logits_shift, self.window, self.early_stop, stops
             )
         return ElasticState(request, self, num_layers=request.num_layers)
