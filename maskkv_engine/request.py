@@ -55,6 +55,7 @@ class Request:
         self.params = params
         self.mask_id = mask_id
         self.stop_token_ids = stop_token_ids
+        self.eos_token_ids = stop_token_ids  # the model's own EOS ids, a subset (set by the engine)
         self.logits_shift = logits_shift
         self.kv_budget = kv_budget
         self.prompt_len = len(prompt_token_ids)

@@ -80,6 +80,7 @@ class InputProcessor:
             uses_cache=self.policy.caches,
             num_layers=cfg.num_layers,
         )
+        req.eos_token_ids = tuple(i for i in cfg.eos_token_ids if i in self.stop_token_ids)
         req.state = DenoiseState(params, req.prompt_len, dream=cfg.logits_shift)
         refresh.check(req)
         req.refresh_state = refresh.new_state(req)

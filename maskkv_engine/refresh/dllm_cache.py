@@ -6,8 +6,10 @@ Forward s (1-based) refreshes the prompt when (s-1) % K_p == 0 and the whole res
 step without a response refresh, each layer computes V for every response row, compares it with the
 cached V (cosine over the whole vector) and recomputes only the floor(rho * G) least similar rows
 (their Q, K, attention and MLP); the other rows take their cached attention / MLP outputs on top of
-their current input, attend with their cached K and their fresh V. Layer 0 always refreshes the response
-(the official code refreshes layer 0 fully).
+their current input, attend with their cached K and their fresh V. With rho = 0 there is no V-verify
+(the official hook's ``transfer`` is ``0 < rho <= 1``): the response's cached K *and V* are used as they
+are, also by the prompt rows of a prompt-only refresh. Layer 0 always refreshes the response (the
+official code refreshes layer 0 fully).
 
 Here the prompt lives in the KV policy's pages: a prompt refresh is a full pass that rewrites the
 kept tokens' K/V (no re-selection). Between prompt refreshes the prompt is not in the step at all, so
@@ -64,21 +66,27 @@ class DLLMCacheState(RefreshState):
             self.k[layer], self.v[layer] = k_resp.clone(), v_resp.clone()
             self._rows[layer] = None
             return k, v, None, None
-        n = k_resp.shape[0]
-        n_sel = math.floor(self.cfg.rho * n)
-        sim = F.cosine_similarity(v_resp.reshape(n, -1).float(), self.v[layer].reshape(n, -1).float(), dim=-1)
-        chosen = (
-            torch.topk(-sim, n_sel).indices.sort().values
-            if n_sel
-            else torch.zeros(0, dtype=torch.long, device=k.device)
-        )
-        self.v[layer] = v_resp.clone()  # V is replaced for every row: it was computed anyway
-        self.k[layer][chosen] = k_resp[chosen]
+        chosen = torch.zeros(0, dtype=torch.long, device=k.device)
+        if self.cfg.rho > 0:  # V-verify (the official hook's `transfer`): V is replaced for every row
+            chosen = self._least_similar(v_resp, self.v[layer])
+            self.v[layer] = v_resp.clone()
+            self.k[layer][chosen] = k_resp[chosen]
         self._selected[layer] = chosen
-        k_out = k.clone()
-        k_out[r0:] = self.k[layer]  # stale K except the chosen rows
+        k_out, v_out = k.clone(), v.clone()
+        k_out[r0:], v_out[r0:] = self.k[layer], self.v[layer]  # cached K/V except the chosen rows' K
         self._rows[layer] = torch.cat([torch.arange(r0, device=k.device), chosen + r0])
-        return k_out, v, None, None
+        return k_out, v_out, None, None
+
+    def _least_similar(self, v_new: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
+        """The floor(rho * G) rows whose V changed most (lowest cosine over the whole vector), in the
+        model's precision or higher (float32 for half-precision models)."""
+        n = v_new.shape[0]
+        n_sel = math.floor(self.cfg.rho * n)
+        if n_sel == 0:
+            return torch.zeros(0, dtype=torch.long, device=v_new.device)
+        dtype = torch.promote_types(v_new.dtype, torch.float32)
+        sim = F.cosine_similarity(v_new.reshape(n, -1).to(dtype), v_old.reshape(n, -1).to(dtype), dim=-1)
+        return torch.topk(sim, n_sel, largest=False).indices.sort().values
 
     def rows(self, layer):
         return self._rows.get(layer)

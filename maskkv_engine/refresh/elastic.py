@@ -9,12 +9,17 @@ Per step (after the first, full pass):
 * in each reuse layer, the drift test compares the attention of T over all keys with what it was at
   the previous step (cosine across heads, averaged); the first layer where it falls below ``gamma``
   makes every deeper layer a *refresh* layer: all rows are recomputed from their cached layer input;
-* in every layer the most attended non-mask token of the window rows is tracked for the next step;
-* with ``early_stop``, once an EOS is committed the masks after it are never decoded.
+* in every layer the ``track_num`` most attended tokens of the queried mask rows (the window, or every
+  mask of the decoding region without ``block_caching``) are tracked for the next step; the region's
+  masks are never tracked;
+* with ``early_stop``, the first step that commits a stop token cuts the decoding region to the masks
+  before it, once: the masks after it are never decoded (nor queried), even if a stop token is
+  committed further left later.
 
 Adaptations (documented in docs/refresh.md): the prompt's K/V live in the KV policy's pages and are
 frozen after the first pass (MaskKV's prompt-state exclusion), so refreshes recompute the response
-(plus, for Dream, the last prompt token) and tracked tokens are chosen among those positions.
+(plus, for Dream, the last prompt token) and tracked tokens are chosen among those positions (none
+before a response token is committed).
 ``window='block'`` is our block-wise variant for LLaDA's fixed blocks: the window is the current
 block and the block schedule decides how many tokens commit.
 """
@@ -32,23 +37,37 @@ from maskkv_engine.sampling.denoise_state import DenoiseState
 
 
 class SlidingWindowState(DenoiseState):
-    """Elastic's decoding region: the leftmost ``window`` masks (before the first EOS with early stop);
-    one token per step unless a threshold / factor rule is set. Steps and blocks do not apply."""
+    """Elastic's decoding region and window. The region is every mask of the response until the first
+    step that commits a stop token; from then on, only the masks before the leftmost stop token that
+    step committed (the official code cuts once: a stop token committed later, even further left, does
+    not cut again). The window is the region's leftmost ``window`` masks. One token per step unless a
+    threshold / factor rule is set; steps and blocks do not apply."""
 
     def __init__(self, params, prompt_len: int, dream: bool, window: int, early_stop: bool, stop_ids: tuple[int, ...]):
         super().__init__(params, prompt_len, dream)
         self.window = window
         self.early_stop = early_stop
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
+        self.cut: int | None = None  # response index of the stop token that ended the region
+
+    def _settle(self, tokens) -> None:
+        """Fix the cut the first time the canvas holds a stop token. Tokens only enter the canvas through
+        a step's commits, so at that moment its leftmost stop token is the leftmost one the step committed."""
+        if self.cut is None and self.early_stop and self.stop_ids.numel():
+            stops = torch.isin(tokens[self.prompt_len :], self.stop_ids).nonzero()
+            if stops.numel():
+                self.cut = int(stops[0])
+
+    def region(self, tokens, mask_id) -> torch.Tensor:
+        """The decoding region's masks (absolute positions, ascending)."""
+        self._settle(tokens)
+        masks = (tokens[self.prompt_len :] == mask_id).nonzero().squeeze(-1)
+        if self.cut is not None:
+            masks = masks[masks < self.cut]
+        return masks + self.prompt_len
 
     def candidates(self, tokens, mask_id):
-        resp = tokens[self.prompt_len :]
-        masks = (resp == mask_id).nonzero().squeeze(-1)
-        if self.early_stop and self.stop_ids.numel():
-            stops = torch.isin(resp, self.stop_ids).nonzero()
-            if stops.numel():
-                masks = masks[masks < int(stops[0])]
-        return masks[: self.window] + self.prompt_len
+        return self.region(tokens, mask_id)[: self.window]
 
     def num_to_commit(self, num_candidates: int) -> int:
         return 1
@@ -60,7 +79,7 @@ class SlidingWindowState(DenoiseState):
         return
 
     def advance(self, tokens, mask_id) -> None:
-        return
+        self._settle(tokens)
 
 
 class ElasticState(RefreshState):
@@ -78,6 +97,8 @@ class ElasticState(RefreshState):
         self.start = num_layers  # first refreshed layer of the current step
         self.query_rows = torch.zeros(0, dtype=torch.long)
         self.window_rows = torch.zeros(0, dtype=torch.long)
+        self.mask_rows = torch.zeros(0, dtype=torch.long)  # queried mask rows (local)
+        self.region_positions = torch.zeros(0, dtype=torch.long)  # the decoding region's masks (absolute)
         self.tracked = torch.zeros(0, dtype=torch.long)
 
     # ---- planning --------------------------------------------------------------------------------
@@ -87,22 +108,30 @@ class ElasticState(RefreshState):
         shift = 1 if r.logits_shift else 0
         window = r.state.candidates(r.tokens, r.mask_id) - shift - a0  # rows whose hidden state predicts the window
         self.window_rows = window
+        self.region_positions = self._region(r)
+        # official `query_masked_position`: the mask rows queried (and whose attention picks tracked tokens)
+        self.mask_rows = window if self.cfg.block_caching else self.region_positions - shift - a0
         if not r.kv_ready:
             self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=True)
             return self.plan
         self.plan = StepPlan(a0, r.num_tokens, use_pages=True)
-        rows = [window, self.new_rows]
+        rows = [window, self.new_rows, self.mask_rows]
         if self.track:
             self.tracked = torch.unique(torch.cat(list(self.track.values())))
             rows.append(self.tracked)
         else:
             self.tracked = torch.zeros(0, dtype=torch.long)
-        if not self.cfg.block_caching:
-            masked = (r.tokens[a0 + shift :] == r.mask_id).nonzero().squeeze(-1)
-            rows.append(masked)
         self.query_rows = torch.unique(torch.cat(rows))
         self.start = self.num_layers
         return self.plan
+
+    @staticmethod
+    def _region(r) -> torch.Tensor:
+        """The decoding region's masks (absolute positions): the sliding window's region, or with
+        window='block' every mask of the response."""
+        if isinstance(r.state, SlidingWindowState):
+            return r.state.region(r.tokens, r.mask_id)
+        return (r.tokens[r.prompt_len :] == r.mask_id).nonzero().squeeze(-1) + r.prompt_len
 
     # ---- layer hooks -----------------------------------------------------------------------------
     def _active(self, t: torch.Tensor) -> torch.Tensor:
@@ -175,10 +204,11 @@ class ElasticState(RefreshState):
         positions: [H_q, n, num_positions] (0 where a head holds no key)."""
         n, n_q, d = q_rows.shape
         group = n_q // len(key_set)
-        probs = q_rows.new_zeros(n_q, n, num_positions, dtype=torch.float32)
+        dtype = torch.promote_types(q_rows.dtype, torch.float32)  # the model's precision or higher
+        probs = q_rows.new_zeros(n_q, n, num_positions, dtype=dtype)
         for h, (keys, pos) in enumerate(key_set):
-            qh = q_rows[:, h * group : (h + 1) * group].transpose(0, 1).float()  # [G, n, D]
-            p = torch.softmax(qh @ keys.float().t() / math.sqrt(d), dim=-1)
+            qh = q_rows[:, h * group : (h + 1) * group].transpose(0, 1).to(dtype)  # [G, n, D]
+            p = torch.softmax(qh @ keys.to(dtype).t() / math.sqrt(d), dim=-1)
             probs[h * group : (h + 1) * group][:, :, pos] = p
         return probs
 
@@ -191,23 +221,27 @@ class ElasticState(RefreshState):
         return float(F.cosine_similarity(old[:, :, present], new[:, :, present], dim=0).mean())
 
     def _track(self, layer: int, q, k_keys, full: bool) -> None:
-        """The most attended committed active token of the window rows at this layer."""
+        """The ``track_num`` most attended tokens of the queried mask rows (the window, or every region mask
+        without block caching), summed over heads and rows. As in the official code the region's masks
+        cannot be tracked (masks cut off by the early stop can); unlike it, prompt tokens cannot either
+        (their K/V are frozen), so fewer than ``track_num`` tokens, or none, may be tracked."""
         r = self.request
         a0 = r.n_cached
-        if self.window_rows.numel() == 0:
+        mask_rows = self.mask_rows.to(q.device)
+        allowed = torch.ones(r.num_tokens - a0, dtype=torch.bool, device=q.device)
+        allowed[(self.region_positions - a0).to(q.device)] = False
+        idx = allowed.nonzero().squeeze(-1)
+        if mask_rows.numel() == 0 or idx.numel() == 0:
             self.track[layer] = torch.zeros(0, dtype=torch.long)
             return
         if full:  # the first pass: the whole sequence is the step; every token is a fresh key
-            rows = self.window_rows.to(q.device) + a0
             key_set = [(k_keys[:, h], torch.arange(r.num_tokens, device=q.device)) for h in range(k_keys.shape[1])]
-            probs = self._probs(q[rows], key_set, r.num_tokens)
+            probs = self._probs(q[mask_rows + a0], key_set, r.num_tokens)
         else:
-            probs = self._probs(
-                self._active(q)[self.window_rows.to(q.device)], self._key_set(layer, k_keys), r.num_tokens
-            )
-        score = probs.sum(dim=(0, 1))[a0:]  # over heads and window rows, active positions only
-        score[(r.tokens[a0:] == r.mask_id).to(score.device)] = 0.0
-        self.track[layer] = torch.topk(score, min(self.cfg.track_num, score.numel())).indices.cpu()
+            probs = self._probs(self._active(q)[mask_rows], self._key_set(layer, k_keys), r.num_tokens)
+        score = probs.sum(dim=(0, 1))[a0:][idx]  # over heads and mask rows, allowed active positions only
+        top = torch.topk(score, min(self.cfg.track_num, idx.numel())).indices
+        self.track[layer] = idx[top].cpu()
 
 
 @dataclass
@@ -219,6 +253,7 @@ class ElasticCache(RefreshStrategy):
     track_num: int = 1  # most attended tokens tracked per layer
     block_caching: bool = True  # masks outside the window are not queried
     early_stop: bool = True  # masks after the first committed EOS are never decoded
+    stop_tokens: str = "eos"  # what early_stop cuts at: 'eos' (the model's EOS, official) or 'all' (every stop id)
 
     def __post_init__(self) -> None:
         if not isinstance(self.gamma, (int, float)):
@@ -227,6 +262,8 @@ class ElasticCache(RefreshStrategy):
             raise ValueError(f"window={self.window!r} must be an integer >= 1 or 'block'")
         if not isinstance(self.track_num, int) or self.track_num < 1:
             raise ValueError(f"track_num={self.track_num!r} must be an integer >= 1")
+        if self.stop_tokens not in ("eos", "all"):
+            raise ValueError(f"stop_tokens={self.stop_tokens!r} must be 'eos' or 'all'")
 
     def check(self, request) -> None:
         if request.logits_shift and request.params.remasking == "origin" and self.window != "block":
@@ -238,7 +275,8 @@ class ElasticCache(RefreshStrategy):
     def new_state(self, request) -> RefreshState:
         if self.window != "block":
             p = request.params
+            stops = request.eos_token_ids if self.stop_tokens == "eos" else request.stop_token_ids
             request.state = SlidingWindowState(
-                p, request.prompt_len, request.logits_shift, self.window, self.early_stop, request.stop_token_ids
+                p, request.prompt_len, request.logits_shift, self.window, self.early_stop, stops
             )
         return ElasticState(request, self, num_layers=request.num_layers)
