@@ -71,3 +71,4 @@ class RequestOutput:
     # Intermediate outputs (streaming) carry the whole response canvas, masks included.
     canvas_token_ids: list[int] | None = field(default=None, repr=False)
     canvas_text: str | None = field(default=None, repr=False)
+    error: str | None = None

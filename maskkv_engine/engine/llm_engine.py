@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from maskkv_engine.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
+REFRESH_CACHE_SIZE = 64  # per-request refresh strategies kept by config: an LRU, so clients cannot grow it
 
 
 class LLMEngine:
@@ -45,7 +47,7 @@ class LLMEngine:
                 f"refresh={config.refresh!r} reuses cached KV, but kv_policy='none' keeps none "
                 f"(allowed with 'none': 'every_step', the reference decoder)"
             )
-        self._refresh_by_request: dict[tuple, RefreshStrategy] = {}
+        self._refresh_by_request: OrderedDict[tuple, RefreshStrategy] = OrderedDict()
         self.backend = get_attention_backend(config.attention_backend, self.device)
         if config.backend == "vllm":
             self.model, vllm_runner = None, self._init_vllm_backend()
@@ -219,9 +221,10 @@ class LLMEngine:
                 else (self.config.refresh_config if name == self.config.refresh else {})
             )
             key = (name, tuple(sorted((k, repr(v)) for k, v in config.items())))
-            if key not in self._refresh_by_request:
-                self._refresh_by_request[key] = get_refresh(name, config)
-            strategy = self._refresh_by_request[key]
+            strategy = self._refresh_by_request.pop(key, None) or get_refresh(name, config)
+            self._refresh_by_request[key] = strategy
+            if len(self._refresh_by_request) > REFRESH_CACHE_SIZE:
+                self._refresh_by_request.popitem(last=False)
         if strategy.needs_cache and not self.policy.caches:
             raise ValueError(
                 f"refresh={strategy.name!r} reuses cached KV, but kv_policy='none' keeps none "

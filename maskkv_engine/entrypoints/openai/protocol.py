@@ -7,18 +7,27 @@ fields that a diffusion decoder cannot honour are accepted only at their neutral
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from maskkv_engine.refresh.registry import REFRESH_STRATEGIES, get_refresh
 from maskkv_engine.sampling_params import SamplingParams
 
 # OpenAI's documented default for /v1/completions; chat has no limit in OpenAI, and a diffusion
 # canvas must have one, so chat uses the engine's default gen_length (or what room the prompt leaves).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 CHAT_DEFAULT_MAX_TOKENS = SamplingParams.gen_length
+
+
+# Integers in refresh_config beyond this are refused: no period or window is that long, and torch
+# index arithmetic would overflow long before.
+MAX_CONFIG_INT = 2**31 - 1
 
 
 class OpenAIBaseModel(BaseModel):
@@ -34,6 +43,58 @@ class ErrorInfo(OpenAIBaseModel):
 
 class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
+
+
+class OpenAIError(Exception):
+    """An error the client caused (or a full queue, or a failed step): becomes an OpenAI-style JSON error."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+
+
+def _json_kinds(annotation: str) -> set[str]:
+    """``'int | str'`` -> {'int', 'str'}: the JSON kinds a strategy field takes (annotations are strings)."""
+    return {part.strip() for part in annotation.split("|")}
+
+
+def _value_fits(value: Any, kinds: set[str]) -> bool:
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return ("int" in kinds or "float" in kinds) and abs(value) <= MAX_CONFIG_INT
+    if isinstance(value, float):
+        return "float" in kinds and math.isfinite(value)
+    if isinstance(value, str):
+        return "str" in kinds
+    return False
+
+
+def check_refresh_config(name: str, config: dict[str, Any]) -> None:
+    """Type- and range-check a request's ``refresh_config`` for strategy ``name``, as SamplingParams checks
+    its fields: a 400 naming ``refresh_config.<key>``, never a strategy error at step time (a 500)."""
+    cls = REFRESH_STRATEGIES.get(name)
+    if cls is None:
+        raise OpenAIError(400, f"refresh={name!r} is not known (allowed: {sorted(REFRESH_STRATEGIES)})",
+                          param="refresh")  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for key, value in config.items():
+        param = f"refresh_config.{key}"
+        field = fields.get(key)
+        if field is None:
+            allowed = sorted(fields) or "none"
+            raise OpenAIError(400, f"{param} is not an option of refresh={name!r} (allowed: {allowed})", param=param)
+        kinds = _json_kinds(str(field.type))
+        if not _value_fits(value, kinds):
+            limit = f", |value| <= {MAX_CONFIG_INT}" if kinds & {"int", "float"} else ""
+            raise OpenAIError(400, f"{param}={value!r} must be {' or '.join(sorted(kinds))}{limit}", param=param)
+    try:
+        get_refresh(name, config)  # the strategy's own range checks (K_r >= 1, 0 <= rho <= 1, ...)
+    except (TypeError, ValueError) as e:
+        key = re.search(r": (\w+)=", str(e))
+        raise OpenAIError(400, str(e), param=f"refresh_config.{key.group(1)}" if key else "refresh_config") from e
 
 
 class StreamOptions(OpenAIBaseModel):

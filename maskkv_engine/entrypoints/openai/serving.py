@@ -7,11 +7,14 @@ object serves a plain uvicorn server and each Ray Serve replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine, RequestStream
+from pydantic import BaseModel
+
+from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from maskkv_engine.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -25,11 +28,11 @@ from maskkv_engine.entrypoints.openai.protocol import (
     DeltaMessage,
     Denoising,
     DiffusionFields,
-    ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
+    OpenAIError,
     UsageInfo,
+    check_refresh_config,
     random_id,
 )
 from maskkv_engine.entrypoints.openai.settled import SettledText
@@ -37,16 +40,6 @@ from maskkv_engine.outputs import RequestOutput
 from maskkv_engine.sampling_params import SamplingParams
 
 MAX_SEED = 2**63 - 1
-
-
-class OpenAIError(Exception):
-    """An error the client caused (or a full queue): becomes an OpenAI-style JSON error."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
 
 
 def sse(payload: str) -> str:
@@ -71,24 +64,52 @@ class _Job:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: Sequence[str]):
+    """max_tokens_limit: response tokens one HTTP request may ask for, summed over a batch's prompts
+    (and the most denoising steps); default max_model_len. model_aliases: other ids accepted for the
+    served model (e.g. the --model path), never shown."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: Sequence[str], max_tokens_limit: int | None = None,
+                 model_aliases: Sequence[str] = ()):  # fmt: skip
         self.engine = engine
         self.served_model_names = list(served_model_names)
+        self.model_aliases = {a: self.served_model_names[0] for a in model_aliases}
         self.max_model_len = engine.engine.max_model_len
+        self.max_tokens_limit = self.max_model_len if max_tokens_limit is None else max_tokens_limit
+        if not isinstance(self.max_tokens_limit, int) or self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit={max_tokens_limit!r} must be an integer >= 1")
 
     # ---- shared ------------------------------------------------------------------------------------
     def show_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=n, max_model_len=self.max_model_len) for n in self.served_model_names])
 
-    def _check_model(self, model: str) -> None:
-        if model not in self.served_model_names:
+    def _check_model(self, request: DiffusionFields) -> None:
+        """404 unless the request names a served model; an alias is replaced by the served name it stands for."""
+        model = request.model
+        if model in self.model_aliases:
+            request.model = self.model_aliases[model]
+        elif model not in self.served_model_names:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    def _sampling_params(self, request: DiffusionFields, gen_length: int) -> SamplingParams:
+    def _check_batch(self, num_prompts: int) -> None:
+        """A batch larger than the waiting queue would get 503 + Retry-After forever: say the limit instead."""
+        limit = self.engine.max_queue_len
+        if limit is not None and num_prompts > limit:
+            raise OpenAIError(400, f"a batch of {num_prompts} prompts can never fit the waiting queue of this "
+                              f"server (--max-queue-len {limit}): send at most {limit} per request", param="prompt")  # fmt: skip
+
+    def _sampling_params(self, request: DiffusionFields, gen_length: int, num_prompts: int = 1) -> SamplingParams:
         if not 1 <= gen_length <= self.max_model_len:
             raise OpenAIError(400, f"max_tokens={gen_length} must be in [1, {self.max_model_len}]", param="max_tokens")
-        if request.steps is not None and not 1 <= request.steps <= self.max_model_len:
-            raise OpenAIError(400, f"steps={request.steps} must be in [1, {self.max_model_len}]", param="steps")
+        limit = self.max_tokens_limit
+        if gen_length * num_prompts > limit:
+            asked = f"max_tokens={gen_length}" + (f" x {num_prompts} prompts" if num_prompts > 1 else "")
+            raise OpenAIError(400, f"{asked} exceeds this server's limit of {limit} response tokens per request "
+                              "(--max-tokens-limit)", param="max_tokens")  # fmt: skip
+        if request.steps is not None and not 1 <= request.steps <= min(self.max_model_len, limit):
+            raise OpenAIError(400, f"steps={request.steps} must be in [1, {min(self.max_model_len, limit)}]",
+                              param="steps")  # fmt: skip
+        if request.refresh is not None or request.refresh_config is not None:
+            check_refresh_config(request.refresh or self.engine.engine.config.refresh, request.refresh_config or {})
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise OpenAIError(400, f"seed={request.seed} must be in [0, 2**63 - 1]", param="seed")
         if request.kv_budget is not None and request.kv_budget > self.max_model_len:
@@ -159,12 +180,13 @@ class OpenAIServing:
     # ---- /v1/completions ---------------------------------------------------------------------------
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEStream:
         """The response, or with ``stream: true`` its SSE chunks."""
-        self._check_model(request.model)
+        self._check_model(request)
         try:
             prompts = request.prompts()
         except ValueError as e:
             raise OpenAIError(400, str(e), param="prompt") from e
-        params = self._sampling_params(request, request.gen_length)
+        self._check_batch(len(prompts))
+        params = self._sampling_params(request, request.gen_length, len(prompts))
         base_id = random_id("cmpl")
         jobs = await self._start(base_id, prompts, params)
         if request.stream:
@@ -176,42 +198,23 @@ class OpenAIServing:
         ]
         return CompletionResponse(id=base_id, model=request.model, choices=choices, usage=self._usage(finals))
 
-    async def _completion_stream(
-        self, request: CompletionRequest, base_id: str, jobs: list[_Job]
-    ) -> AsyncIterator[str]:
-        finals: dict[int, RequestOutput] = {}
+    def _completion_stream(self, request: CompletionRequest, base_id: str, jobs: list[_Job]) -> AsyncIterator[str]:
+        def chunk(i: int, text: str, finish_reason: str | None, denoising: Denoising | None) -> BaseModel:
+            choice = CompletionChoice(index=i, text=text, finish_reason=finish_reason, denoising=denoising)
+            return CompletionResponse(id=base_id, model=request.model, choices=[choice])
 
-        def chunk(choice: CompletionChoice) -> str:
-            return sse(
-                CompletionResponse(id=base_id, model=request.model, choices=[choice]).model_dump_json(exclude_none=True)
-            )
+        def usage(u: UsageInfo) -> BaseModel:
+            return CompletionResponse(id=base_id, model=request.model, choices=[], usage=u)
 
-        try:
-            async for i, out in self._outputs(jobs):
-                settled = jobs[i].settled
-                if out.finished:
-                    finals[i] = out
-                    text = settled.finish(out.outputs[0].text)
-                    yield chunk(CompletionChoice(index=i, text=text, finish_reason=out.outputs[0].finish_reason))
-                    continue
-                text = settled.update(out.canvas_token_ids or [])
-                if request.include_denoising:
-                    yield chunk(CompletionChoice(index=i, text=text, denoising=self._denoising(out)))
-                elif text:
-                    yield chunk(CompletionChoice(index=i, text=text))
-            if request.include_usage:
-                usage = CompletionResponse(id=base_id, model=request.model, choices=[], usage=self._usage(finals))
-                yield sse(usage.model_dump_json(exclude_none=True))
-        except Exception as e:  # the engine failed mid-stream: the status line is already sent
-            yield sse(_stream_error(e))
-        yield sse("[DONE]")
+        return self._stream(request, jobs, None, chunk, usage)
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------
     async def create_chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | SSEStream:
-        self._check_model(request.model)
+        self._check_model(request)
         ids = self._apply_chat_template(request)
         prompt = {"prompt_token_ids": ids, "prompt": None}
-        params = self._sampling_params(request, request.gen_length(self.max_model_len - len(ids)))
+        room = min(self.max_model_len - len(ids), self.max_tokens_limit)
+        params = self._sampling_params(request, request.gen_length(room))
         base_id = random_id("chatcmpl")
         jobs = await self._start(base_id, [prompt], params)
         if request.stream:
@@ -233,45 +236,94 @@ class OpenAIServing:
             ids = ids["input_ids"]
         return list(ids)
 
-    async def _chat_stream(self, request: ChatCompletionRequest, base_id: str, jobs: list[_Job]) -> AsyncIterator[str]:
+    def _chat_stream(self, request: ChatCompletionRequest, base_id: str, jobs: list[_Job]) -> AsyncIterator[str]:
+        def chunk(i: int, text: str, finish_reason: str | None, denoising: Denoising | None) -> BaseModel:
+            choice = ChatChunkChoice(index=i, delta=DeltaMessage(content=text), finish_reason=finish_reason,
+                                     denoising=denoising)  # fmt: skip
+            return ChatCompletionChunk(id=base_id, model=request.model, choices=[choice])
+
+        def usage(u: UsageInfo) -> BaseModel:
+            return ChatCompletionChunk(id=base_id, model=request.model, choices=[], usage=u)
+
+        first = ChatCompletionChunk(
+            id=base_id,
+            model=request.model,
+            choices=[ChatChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))],
+        )
+        return self._stream(request, jobs, first, chunk, usage)
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    async def _stream(self, request: DiffusionFields, jobs: list[_Job], first: BaseModel | None,
+                      chunk: Callable[..., BaseModel], usage: Callable[[UsageInfo], BaseModel]) -> AsyncIterator[str]:  # fmt: skip
+        """The SSE lines of a streamed request: newly settled text per output (or every denoising step),
+        the finish reason on the last chunk, usage, [DONE]. A failed step sends an error event, then [DONE]."""
         finals: dict[int, RequestOutput] = {}
 
-        def chunk(choice: ChatChunkChoice) -> str:
-            body = ChatCompletionChunk(id=base_id, model=request.model, choices=[choice])
+        def line(body: BaseModel) -> str:
             return sse(body.model_dump_json(exclude_none=True))
 
         try:
-            yield chunk(ChatChunkChoice(index=0, delta=DeltaMessage(role="assistant", content="")))
-            async for i, out in self._outputs(jobs):
-                settled = jobs[i].settled
-                if out.finished:
-                    finals[i] = out
-                    text = settled.finish(out.outputs[0].text)
-                    yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(content=text),
-                                                finish_reason=out.outputs[0].finish_reason))  # fmt: skip
-                    continue
-                text = settled.update(out.canvas_token_ids or [])
-                if request.include_denoising:
-                    yield chunk(
-                        ChatChunkChoice(index=i, delta=DeltaMessage(content=text), denoising=self._denoising(out))
-                    )
-                elif text:
-                    yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(content=text)))
+            if first is not None:
+                yield line(first)
+            async with contextlib.aclosing(self._outputs(jobs)) as outputs:
+                async for i, out in outputs:
+                    failure = engine_failure(out)
+                    if failure is not None:
+                        yield sse(_stream_error(step_error(failure)))
+                        yield sse("[DONE]")
+                        return
+                    settled = jobs[i].settled
+                    if out.finished:
+                        finals[i] = out
+                        final = out.outputs[0]
+                        yield line(chunk(i, settled.finish(final.text), final.finish_reason, None))
+                        continue
+                    text = settled.update(out.canvas_token_ids or [])
+                    if request.include_denoising:
+                        yield line(chunk(i, text, None, self._denoising(out)))
+                    elif text:
+                        yield line(chunk(i, text, None, None))
             if request.include_usage:
-                body = ChatCompletionChunk(id=base_id, model=request.model, choices=[], usage=self._usage(finals))
-                yield sse(body.model_dump_json(exclude_none=True))
-        except Exception as e:
+                yield line(usage(self._usage(finals)))
+        except Exception as e:  # the engine failed mid-stream: the status line is already sent
             yield sse(_stream_error(e))
         yield sse("[DONE]")
 
-    # ---- helpers -----------------------------------------------------------------------------------
     async def _collect(self, jobs: list[_Job]) -> dict[int, RequestOutput]:
+        """Every job's final output; a step that failed on one of them is this request's 500."""
         finals: dict[int, RequestOutput] = {}
-        async for i, out in self._outputs(jobs):
-            if out.finished:
-                finals[i] = out
+        try:
+            async with contextlib.aclosing(self._outputs(jobs)) as outputs:
+                async for i, out in outputs:
+                    failure = engine_failure(out)
+                    if failure is not None:
+                        raise step_error(failure)
+                    if out.finished:
+                        finals[i] = out
+        except (OpenAIError, EngineDeadError):
+            raise
+        except Exception as e:  # an engine that fails a step by raising into the streams
+            raise step_error(f"{type(e).__name__}: {e}") from e
         return finals
 
 
+def engine_failure(out: RequestOutput) -> str | None:
+    """The message of an output the engine finished with an error (a step that raised), else None."""
+    if out.finished and out.outputs and out.outputs[0].finish_reason == "error":
+        return getattr(out, "error", None) or "the engine step failed"
+    return None
+
+
+def step_error(message: str) -> OpenAIError:
+    return OpenAIError(500, f"the engine failed while running this request: {message}", type="server_error",
+                       code="engine_error")  # fmt: skip
+
+
 def _stream_error(e: Exception) -> str:
-    return json.dumps({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    """The error event of a stream whose status line is already sent (OpenAI's error shape)."""
+    if isinstance(e, OpenAIError):
+        return e.body.model_dump_json()
+    if not isinstance(e, EngineDeadError):
+        e = step_error(f"{type(e).__name__}: {e}")
+        return e.body.model_dump_json()
+    return json.dumps({"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_dead"}})
