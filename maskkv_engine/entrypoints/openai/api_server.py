@@ -23,10 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from maskkv_engine import __version__
 from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from maskkv_engine.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
 from maskkv_engine.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from maskkv_engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from maskkv_engine.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from maskkv_engine.entrypoints.openai.serving import OpenAIError, OpenAIServing, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -49,15 +55,19 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
+PROTECTED_ROUTES = ("/v1", "/tokenize", "/detokenize")
+
+
 class _AuthMiddleware:
-    """``Authorization: Bearer KEY`` on every /v1 route (pure ASGI: it must not buffer streams)."""
+    """``Authorization: Bearer KEY`` on every /v1 route and the tokenizer routes (pure ASGI: it must not
+    buffer streams)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_ROUTES):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = error_response(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -231,6 +241,8 @@ def build_app(
     app = FastAPI(title="maskkv-engine OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
     serving = OpenAIServing(engine, served_model_names, max_tokens_limit, model_aliases)
     metrics = ServerMetrics(engine, served_model_names[0])
+    serving.abort_listeners.append(metrics.observe_abort)
+    serving.start_listeners.append(metrics.observe_start)
     app.state.engine = engine
     app.state.serving = serving
     app.state.metrics = metrics
@@ -271,9 +283,17 @@ def build_app(
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse(serving.show_models().model_dump())
+        return JSONResponse(serving.show_models().model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        return JSONResponse(serving.show_model(model_id).model_dump(mode="json"))
 
     async def respond(request: Request, model: type[BaseModel], create: Callable) -> Response:
         body = parse_body(model, await read_json(request, max_body_bytes))
@@ -282,7 +302,18 @@ def build_app(
             return _SSEResponse(result)
         if isinstance(result, Response):
             return result
-        return JSONResponse(result.model_dump(exclude_none=True))
+        return JSONResponse(result.model_dump(mode="json"))
+
+    async def _sync(work: Callable[[], Any]) -> Any:
+        return work()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await respond(request, TokenizeRequest, lambda body: _sync(lambda: serving.tokenize(body)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await respond(request, DetokenizeRequest, lambda body: _sync(lambda: serving.detokenize(body)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
