@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine
@@ -91,9 +91,15 @@ FIELDS = {
     )
     | json_values,
     "stop": json_values,
-    "logprobs": json_values,
+    "stop_token_ids": st.lists(st.integers(-2, 300), max_size=3) | json_values,
+    "logprobs": st.booleans() | st.integers(-1, 25) | json_values,
+    "top_logprobs": st.integers(-1, 25) | json_values,
     "echo": json_values,
     "user": json_values,
+    "tools": st.sampled_from([[], [{"type": "function", "function": {"name": "f"}}]]) | json_values,
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function"}]) | json_values,
+    "parallel_tool_calls": st.booleans() | json_values,
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {}]) | json_values,
 }
 valid_fields = st.fixed_dictionaries(
     {},
@@ -145,8 +151,21 @@ def encode(value) -> bytes:
     return json.dumps(value).replace(json.dumps(OVERFLOW), "1e999").encode()
 
 
+tokenizer_bodies = st.tuples(
+    st.just("/tokenize"),
+    st.fixed_dictionaries(
+        {},
+        optional={"model": st.just(MODEL) | json_values, "prompt": words | json_values, "messages": messages,
+                  "add_special_tokens": st.booleans() | json_values, "return_token_strs": st.booleans() | json_values},
+    ).map(encode),
+) | st.tuples(
+    st.just("/detokenize"),
+    st.fixed_dictionaries({"tokens": st.lists(st.integers(-5, 300), max_size=6) | json_values},
+                          optional={"model": st.just(MODEL) | json_values}).map(encode),
+)  # fmt: skip
+
 garbage = st.tuples(
-    st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
     json_values.map(encode)
     | st.binary(max_size=128)
     | mostly_valid().map(lambda rb: rb[1][: len(rb[1]) // 2]),  # truncated JSON
@@ -161,6 +180,7 @@ hosts = st.sampled_from(LOCAL_HOSTS * 3 + ["evil.example", "", "localhost.evil.e
 
 
 def check(r: httpx.Response, content_type: str = "application/json", host: str | None = None) -> None:
+    event(f"status {r.status_code}")  # --hypothesis-show-statistics: how many bodies were served
     assert r.status_code < 500, (r.status_code, r.text)
     if host not in LOCAL_HOSTS:
         assert r.status_code == 400 and r.json()["error"]["param"] == "Host", r.text
@@ -176,7 +196,7 @@ def check(r: httpx.Response, content_type: str = "application/json", host: str |
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request=mostly_valid() | garbage, content_type=content_types, host=hosts)
+@given(request=mostly_valid() | garbage | tokenizer_bodies, content_type=content_types, host=hosts)
 def test_random_bodies_never_get_a_500(http, request, content_type, host):
     route, body = request
     headers = {"Content-Type": content_type} if host is None else {"Content-Type": content_type, "Host": host}

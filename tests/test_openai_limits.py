@@ -187,6 +187,15 @@ def test_the_model_path_is_never_shown(server, llada_dir):
     assert resolve_model(argparse.Namespace(model=None, served_model_name=None))[1] == "maskkv-default"
 
 
+def test_serve_flags():
+    from maskkv_engine.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "a.example,b.example", "--max-tokens-limit", "64"])
+    assert args.allowed_hosts == ["a.example", "b.example"] and args.max_tokens_limit == 64
+    args = build_parser().parse_args(["serve"])
+    assert args.allowed_hosts == [] and args.max_tokens_limit is None  # loopback names only; max_model_len
+
+
 # ---- a failed engine step -----------------------------------------------------------------------------
 POISON = [9, 9, 9, 9, 9, 9, 9]  # the prompt whose steps fail
 
