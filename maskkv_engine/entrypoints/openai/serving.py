@@ -373,11 +373,11 @@ class OpenAIServing:
         """The SSE lines of a streamed request: newly settled text per output (or every denoising step),
         the finish reason on the last chunk, usage, [DONE]. A failed step sends an error event, then [DONE].
 
-        With n > 1 or stop strings the text comes whole on the last chunk: the settled prefix is of one
-        canvas, and text that a stop string will cut must not be sent before the cut is known.
+        With n > 1 or stop strings / stop_token_ids the text comes whole on the last chunk: the settled
+        prefix is of one canvas, and text that a stop will cut must not be sent before the cut is known.
         """
         finals: dict[int, RequestOutput] = {}
-        incremental = request.n == 1 and not request.stop
+        incremental = request.n == 1 and not request.stop and not request.stop_token_ids
 
         def line(body: BaseModel) -> str:
             return sse(body.model_dump_json())
