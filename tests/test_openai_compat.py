@@ -282,3 +282,16 @@ def test_logprobs_in_openai_shapes():
     tokens = [strict(ChatCompletionTokenLogprob, t) for t in chat["content"]]
     assert [t.token for t in tokens] == ["w5", "w7"] and [len(t.top_logprobs) for t in tokens] == [1, 1]
     assert tokens[0].bytes == list(b"w5")
+
+
+def test_with_stop_strings_a_stream_sends_each_text_whole(http, monkeypatch):
+    """A settled prefix may run past a stop string that cuts the text later: with stops, no partial text."""
+    monkeypatch.setattr(protocol, "SamplingParams", VLLMStyleParams)
+    monkeypatch.setattr(protocol, "ENGINE_FIELDS", frozenset(f.name for f in fields(VLLMStyleParams)))
+    body = {**BODY, "max_tokens": 16, "stop": ["never said"], "ignore_eos": True}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = events(http.post("/v1/completions", json={**body, "stream": True}))
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert texts == [plain["text"]] and chunks[0]["choices"][0]["finish_reason"] == plain["finish_reason"]
+    without = events(http.post("/v1/completions", json={**body, "stop": None, "stream": True}))
+    assert len(without) > 1  # the same request without stops streams as it settles
