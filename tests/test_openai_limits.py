@@ -56,6 +56,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, text:
     [
         (b'{"model": "tiny-llada", "prompt": "w1", "max_tokens": 4, "temperature": 1e999}', "temperature"),
         (b'{"model": "tiny-llada", "prompt": "w1", "max_tokens": 4, "top_p": -1e400}', "top_p"),
+        (b'{"model": "tiny-llada", "prompt": [5, 6, 1e999]}', "prompt.2"),
         (b'{"model": "tiny-llada", "prompt": "w1", "refresh": "elastic", "refresh_config": {"gamma": 1e999}}',
          "refresh_config.gamma"),
     ],

@@ -136,15 +136,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
-    """The first float that is not finite (``1e999`` parses to inf), with its field path."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path or "body", value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _non_finite(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
+def _non_finite(data: Any) -> tuple[str, float] | None:
+    """The first float that is not finite (``1e999`` parses to inf), with its field path. Iterative: a
+    body nested as deep as the JSON parser allows must not exhaust the stack here."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "body", value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend(reversed([(f"{path}.{key}" if path else str(key), item) for key, item in items]))
     return None
 
 
@@ -304,16 +305,13 @@ def build_app(
             return result
         return JSONResponse(result.model_dump(mode="json"))
 
-    async def _sync(work: Callable[[], Any]) -> Any:
-        return work()
-
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        return await respond(request, TokenizeRequest, lambda body: _sync(lambda: serving.tokenize(body)))
+        return await respond(request, TokenizeRequest, serving.tokenize)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        return await respond(request, DetokenizeRequest, lambda body: _sync(lambda: serving.detokenize(body)))
+        return await respond(request, DetokenizeRequest, serving.detokenize)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -338,7 +338,7 @@ class OpenAIServing:
         return self._stream(request, jobs, first, partial, final, lambda u: wrap([], u))
 
     # ---- vLLM's /tokenize, /detokenize -------------------------------------------------------------
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self._check_model(request)
         tok = self.engine.tokenizer
         if tok is None:
@@ -354,7 +354,7 @@ class OpenAIServing:
         strs = tok.convert_ids_to_tokens(ids) if request.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
-    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(request)
         tok = self.engine.tokenizer
         if tok is None:
