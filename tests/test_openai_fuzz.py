@@ -1,5 +1,5 @@
-"""Hundreds of random and malformed bodies: every answer is a 200 or a 4xx OpenAI JSON error, never a 5xx,
-and the server still serves a good request afterwards."""
+"""Hundreds of random and malformed bodies, Content-Types and Host headers: every answer is a 200 or a
+4xx OpenAI JSON error, never a 5xx, and the server still serves a good request afterwards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine
@@ -16,6 +16,8 @@ from tests.server_utils import ServerThread
 
 MODEL = "fuzz-llada"
 MAX_MODEL_LEN = 48  # keeps any body that happens to be valid cheap to serve
+MAX_TOKENS_LIMIT = 24
+OVERFLOW = 1.2345e300  # written into the body as 1e999, which JSON parsers read as infinity
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,8 @@ def http(llada_dir):
     engine = AsyncLLMEngine.from_engine_args(
         str(llada_dir), kv_policy="full", max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_queue_len=16
     )
-    with ServerThread(build_app(engine, [MODEL], max_body_bytes=64 << 10)) as s:
+    app = build_app(engine, [MODEL], max_body_bytes=64 << 10, max_tokens_limit=MAX_TOKENS_LIMIT, allowed_hosts=[])
+    with ServerThread(app) as s:
         with httpx.Client(base_url=s.url, timeout=60) as client:
             client.engine = engine
             yield client
@@ -35,6 +38,7 @@ scalars = (
     | st.integers(-(2**70), 2**70)
     | st.integers(-3, 70)
     | st.floats(allow_nan=False, allow_infinity=False)
+    | st.just(OVERFLOW)
     | st.text(max_size=12)
 )
 json_values = st.recursive(
@@ -82,14 +86,20 @@ FIELDS = {
     | json_values,
     "refresh_config": st.dictionaries(
         st.sampled_from(["K_p", "K_r", "rho", "gamma", "window", "track_num", "block_caching", "early_stop", "x"]),
-        st.integers(-2, 40) | st.floats(-1, 2) | st.booleans() | st.just("block") | json_values,
+        st.integers(-2, 40) | st.floats(-1, 2) | st.booleans() | st.just("block") | st.just(2**40) | json_values,
         max_size=3,
     )
     | json_values,
     "stop": json_values,
-    "logprobs": json_values,
+    "stop_token_ids": st.lists(st.integers(-2, 300), max_size=3) | json_values,
+    "logprobs": st.booleans() | st.integers(-1, 25) | json_values,
+    "top_logprobs": st.integers(-1, 25) | json_values,
     "echo": json_values,
     "user": json_values,
+    "tools": st.sampled_from([[], [{"type": "function", "function": {"name": "f"}}]]) | json_values,
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function"}]) | json_values,
+    "parallel_tool_calls": st.booleans() | json_values,
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {}]) | json_values,
 }
 valid_fields = st.fixed_dictionaries(
     {},
@@ -134,19 +144,48 @@ def mostly_valid(draw) -> tuple[str, bytes]:
             del body[draw(st.sampled_from(sorted(body)))]
         else:
             body[draw(st.text(max_size=8))] = draw(json_values)
-    return ("/v1/chat/completions" if chat else "/v1/completions"), json.dumps(body).encode()
+    return ("/v1/chat/completions" if chat else "/v1/completions"), encode(body)
 
+
+def encode(value) -> bytes:
+    return json.dumps(value).replace(json.dumps(OVERFLOW), "1e999").encode()
+
+
+tokenizer_bodies = st.tuples(
+    st.just("/tokenize"),
+    st.fixed_dictionaries(
+        {},
+        optional={"model": st.just(MODEL) | json_values, "prompt": words | json_values, "messages": messages,
+                  "add_special_tokens": st.booleans() | json_values, "return_token_strs": st.booleans() | json_values},
+    ).map(encode),
+) | st.tuples(
+    st.just("/detokenize"),
+    st.fixed_dictionaries({"tokens": st.lists(st.integers(-5, 300), max_size=6) | json_values},
+                          optional={"model": st.just(MODEL) | json_values}).map(encode),
+)  # fmt: skip
 
 garbage = st.tuples(
-    st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
-    json_values.map(json.dumps).map(str.encode)
+    st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+    json_values.map(encode)
     | st.binary(max_size=128)
     | mostly_valid().map(lambda rb: rb[1][: len(rb[1]) // 2]),  # truncated JSON
 )
 
 
-def check(r: httpx.Response) -> None:
+JSON_TYPES = ["application/json", "application/json; charset=utf-8"]
+content_types = st.sampled_from(JSON_TYPES * 4 + ["text/plain", "", "application/x-www-form-urlencoded",
+                                                  "multipart/form-data; boundary=x", "application/jsonx"])  # fmt: skip
+LOCAL_HOSTS = [None, "localhost", "127.0.0.1:1", "[::1]:80"]  # None: the client's own Host
+hosts = st.sampled_from(LOCAL_HOSTS * 3 + ["evil.example", "", "localhost.evil.example", "10.0.0.1"])
+
+
+def check(r: httpx.Response, content_type: str = "application/json", host: str | None = None) -> None:
+    event(f"status {r.status_code}")  # --hypothesis-show-statistics: how many bodies were served
     assert r.status_code < 500, (r.status_code, r.text)
+    if host not in LOCAL_HOSTS:
+        assert r.status_code == 400 and r.json()["error"]["param"] == "Host", r.text
+    elif content_type not in JSON_TYPES:
+        assert r.status_code == 415, r.text
     if r.status_code == 200:
         if r.headers["content-type"].startswith("text/event-stream"):
             assert '"error"' not in r.text and r.text.rstrip().endswith("data: [DONE]"), r.text
@@ -157,10 +196,11 @@ def check(r: httpx.Response) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request=mostly_valid() | garbage)
-def test_random_bodies_never_get_a_500(http, request):
+@given(request=mostly_valid() | garbage | tokenizer_bodies, content_type=content_types, host=hosts)
+def test_random_bodies_never_get_a_500(http, request, content_type, host):
     route, body = request
-    check(http.post(route, content=body, headers={"Content-Type": "application/json"}))
+    headers = {"Content-Type": content_type} if host is None else {"Content-Type": content_type, "Host": host}
+    check(http.post(route, content=body, headers=headers), content_type, host)
 
 
 def test_still_serves_afterwards(http):

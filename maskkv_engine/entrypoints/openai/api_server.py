@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,10 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from maskkv_engine import __version__
 from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from maskkv_engine.entrypoints.openai.cli_args import DEFAULT_MAX_BODY_BYTES
 from maskkv_engine.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from maskkv_engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from maskkv_engine.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from maskkv_engine.entrypoints.openai.serving import OpenAIError, OpenAIServing, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -47,19 +55,73 @@ class _SSEResponse(StreamingResponse):
             self._on_close()
 
 
+PROTECTED_ROUTES = ("/v1", "/tokenize", "/detokenize")
+
+
 class _AuthMiddleware:
-    """``Authorization: Bearer KEY`` on every /v1 route (pure ASGI: it must not buffer streams)."""
+    """``Authorization: Bearer KEY`` on every /v1 route and the tokenizer routes (pure ASGI: it must not
+    buffer streams)."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_ROUTES):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = error_response(401, "Incorrect API key provided.", code="invalid_api_key")
                 await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+JSON_CONTENT_TYPE = "application/json"
+
+
+def _host_name(header: bytes) -> str:
+    """``b"[::1]:8000"`` -> ``"::1"``; ``b"Example.com.:80"`` -> ``"example.com"``."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, _, port = host.rpartition(":")
+    if name and port.isdigit():
+        host = name
+    return host.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _HostMiddleware:
+    """Only Host headers that name this server (against DNS rebinding: a web page in the user's browser
+    whose own name resolves to 127.0.0.1 would otherwise reach the local server with its own Host).
+
+    Allowed: localhost / 127.0.0.1 / [::1], the bound address, the names in ``allowed`` (``*``: all);
+    when bound to a wildcard address (0.0.0.0, ::), any IP address too, since a client that names the
+    server by IP is not a rebound page.
+    """
+
+    def __init__(self, app, bound_host: str, allowed: list[str]):
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {h.strip("[]").lower().rstrip(".") for h in (*LOOPBACK_HOSTS, bound_host, *allowed)}
+        self.any_ip = bound_host.strip("[]") in WILDCARD_ADDRESSES
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not self.any:
+            host = _host_name(dict(scope["headers"]).get(b"host", b""))
+            if host not in self.allowed and not (self.any_ip and _is_ip(host)):
+                message = (f"Host header {host!r} is not allowed: start the server with --allowed-hosts {host or 'NAME'} "
+                           "if clients reach it by that name")  # fmt: skip
+                await error_response(400, message, param="Host", code="host_not_allowed")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -74,8 +136,32 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _non_finite(data: Any) -> tuple[str, float] | None:
+    """The first float that is not finite (``1e999`` parses to inf), with its field path. Iterative: a
+    body nested as deep as the JSON parser allows must not exhaust the stack here."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "body", value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend(reversed([(f"{path}.{key}" if path else str(key), item) for key, item in items]))
+    return None
+
+
+def check_json_content_type(request: Request) -> None:
+    """POST bodies must say they are JSON: a web page can send text/plain or a form to localhost without
+    a CORS preflight, but not application/json."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != JSON_CONTENT_TYPE:
+        raise OpenAIError(415, f"Content-Type must be {JSON_CONTENT_TYPE}, got {given or 'none'!r}",
+                          param="Content-Type", code="unsupported_media_type")  # fmt: skip
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON: 413 past ``max_bytes`` (checked while reading), 400 unless strict JSON."""
+    """The body as JSON: 415 unless sent as JSON, 413 past ``max_bytes`` (checked while reading), 400
+    unless strict JSON (no NaN, no number that overflows to infinity)."""
+    check_json_content_type(request)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise OpenAIError(413, f"the request body is {length} bytes; the limit is {max_bytes}")
@@ -85,9 +171,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(body) > max_bytes:
             raise OpenAIError(413, f"the request body exceeds the limit of {max_bytes} bytes")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise OpenAIError(400, f"the request body is not valid JSON: {e}") from e
+    bad = _non_finite(data)
+    if bad is not None:
+        raise OpenAIError(400, f"{bad[0]}={bad[1]} is not a finite number", param=bad[0])
+    return data
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:
@@ -131,8 +221,18 @@ def build_app(
     served_model_names: list[str],
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_tokens_limit: int | None = None,
+    allowed_hosts: list[str] | None = None,
+    bound_host: str = "127.0.0.1",
+    model_aliases: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
-    """The FastAPI app for one engine (a plain server, or one Ray Serve replica)."""
+    """The FastAPI app for one engine (a plain server, or one Ray Serve replica).
+
+    max_tokens_limit: response tokens one request may ask for (default: max_model_len).
+    allowed_hosts: None = no Host check (a proxy in front does it, e.g. Ray Serve); else the Host names
+    accepted besides localhost and ``bound_host`` (``["*"]``: all). model_aliases: other ids clients may
+    send for the served model, never shown (``maskkv serve`` accepts the --model path).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,14 +240,18 @@ def build_app(
         await engine.shutdown()
 
     app = FastAPI(title="maskkv-engine OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    serving = OpenAIServing(engine, served_model_names)
+    serving = OpenAIServing(engine, served_model_names, max_tokens_limit, model_aliases)
     metrics = ServerMetrics(engine, served_model_names[0])
+    serving.abort_listeners.append(metrics.observe_abort)
+    serving.start_listeners.append(metrics.observe_start)
     app.state.engine = engine
     app.state.serving = serving
     app.state.metrics = metrics
 
     if api_key is not None:
         app.add_middleware(_AuthMiddleware, api_key=api_key)
+    if allowed_hosts is not None:  # added last: it runs first
+        app.add_middleware(_HostMiddleware, bound_host=bound_host, allowed=allowed_hosts)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
@@ -180,9 +284,17 @@ def build_app(
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse(serving.show_models().model_dump())
+        return JSONResponse(serving.show_models().model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        return JSONResponse(serving.show_model(model_id).model_dump(mode="json"))
 
     async def respond(request: Request, model: type[BaseModel], create: Callable) -> Response:
         body = parse_body(model, await read_json(request, max_body_bytes))
@@ -191,7 +303,15 @@ def build_app(
             return _SSEResponse(result)
         if isinstance(result, Response):
             return result
-        return JSONResponse(result.model_dump(exclude_none=True))
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await respond(request, TokenizeRequest, serving.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await respond(request, DetokenizeRequest, serving.detokenize)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -212,7 +332,16 @@ def run_server(args: argparse.Namespace) -> int:
 
     path, name = resolve_model(args)
     engine = AsyncLLMEngine.from_engine_args(path, max_queue_len=args.max_queue_len, **engine_kwargs_from_args(args))
-    app = build_app(engine, [name], api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = build_app(
+        engine,
+        [name],
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        allowed_hosts=args.allowed_hosts,
+        bound_host=args.host,
+        model_aliases=[args.model] if args.model is not None and args.model != name else [],
+    )
     logger.info("serving %s (%s) on http://%s:%d", name, path, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

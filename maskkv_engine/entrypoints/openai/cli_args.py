@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt a model takes, far below a memory problem
@@ -21,6 +22,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--kv-memory-bytes", type=int, default=None, help="size of the KV page pool")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="response tokens (max_tokens, summed over a batch's prompts) and steps one request may ask "
+                        "for; more gets 400 (default: --max-model-len)")  # fmt: skip
+    p.add_argument("--allowed-hosts", type=lambda s: [h for h in s.split(",") if h], default=[],
+                   help="comma-separated Host names accepted besides localhost, 127.0.0.1, [::1] and --host "
+                        "('*': any); other Host headers get 400 (against DNS rebinding)")  # fmt: skip
     p.add_argument("--log-level", default="info")
     ray = p.add_argument_group("Ray Serve")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
@@ -43,11 +50,16 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
-    """(model directory, the name clients use for it). No --model: the embedded default model."""
+    """(model directory, the name clients use for it). No --model: the embedded default model. The name
+    is --served-model-name, else the directory's last component: /v1/models and /metrics never show
+    the filesystem path (the path itself is still accepted as the model id)."""
     from maskkv_engine.llm import default_model_path
 
     path = args.model if args.model is not None else default_model_path()
-    name = args.served_model_name or (args.model if args.model is not None else "maskkv-default")
+    if args.served_model_name:
+        name = args.served_model_name
+    else:
+        name = Path(args.model).name or str(args.model) if args.model is not None else "maskkv-default"
     return str(path), name
 
 

@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from maskkv_engine.engine.async_llm_engine import AsyncLLMEngine, StepStats
+from maskkv_engine.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -64,17 +65,20 @@ class ServerMetrics:
         )  # fmt: skip
         self.e2e_latency = Histogram("maskkv_e2e_request_latency_seconds", "Arrival to finish of a request.",
                                      labels, buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.queue_time = Histogram("maskkv_request_queue_time_seconds", "Arrival to first step of a request.",
+        self.queue_time = Histogram("maskkv_request_queue_time_seconds", "Arrival to first step of a request "
+                                    "(observed at its first step).",
                                     labels, buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.finished = Counter("maskkv_request_success", "Finished requests, by finish reason.",
                                 labels + ["finish_reason"], registry=self.registry)  # fmt: skip
+        self.aborted = Counter("maskkv_request_abort", "Requests aborted before they finished (client gone, "
+                               "a failed batch).", labels, registry=self.registry)  # fmt: skip
         self.generation_tokens = Counter("maskkv_generation_tokens", "Generated tokens of finished requests.",
                                          labels, registry=self.registry)  # fmt: skip
         self.prompt_tokens = Counter("maskkv_prompt_tokens", "Prompt tokens of finished requests.", labels,
                                      registry=self.registry)  # fmt: skip
         self.model_name = model_name
         for metric in (self.step_latency, self.tokens_per_second, self.e2e_latency, self.queue_time,
-                       self.generation_tokens, self.prompt_tokens):  # fmt: skip
+                       self.generation_tokens, self.prompt_tokens, self.aborted):  # fmt: skip
             metric.labels(model_name)  # exported at zero before the first request
         engine.step_listeners.append(self.observe_step)
 
@@ -87,11 +91,17 @@ class ServerMetrics:
                 self.tokens_per_second.labels(name).observe(m.tokens_per_second)
             if m.latency is not None:
                 self.e2e_latency.labels(name).observe(m.latency)
-            if m.time_in_queue is not None:
-                self.queue_time.labels(name).observe(m.time_in_queue)
             self.finished.labels(name, out.outputs[0].finish_reason or "unknown").inc()
             self.generation_tokens.labels(name).inc(len(out.outputs[0].token_ids))
             self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+
+    def observe_start(self, first: RequestOutput) -> None:
+        """A request's first output: its time in the queue, observed even if it is aborted later."""
+        if first.metrics.time_in_queue is not None:
+            self.queue_time.labels(self.model_name).observe(first.metrics.time_in_queue)
+
+    def observe_abort(self) -> None:
+        self.aborted.labels(self.model_name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
