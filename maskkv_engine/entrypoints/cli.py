@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from maskkv_engine.entrypoints.openai.cli_args import add_serve_args, cmd_serve
+from maskkv_engine.entrypoints.openai.cli_args import add_serve_args
 from maskkv_engine.sampling_params import DEFAULT_GEN_LENGTH
 
 
@@ -192,6 +192,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bench_main(args.bench_argv, script="maskkv bench")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server: uvicorn here, or Ray Serve replicas with --ray."""
+    if args.ray:
+        from maskkv_engine.distributed.ray_serve import run_ray_serve
+
+        return run_ray_serve(args)
+    from maskkv_engine.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
 
 
 def main(argv: list[str] | None = None) -> int:

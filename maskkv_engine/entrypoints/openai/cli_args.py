@@ -61,13 +61,3 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
     else:
         name = Path(args.model).name or str(args.model) if args.model is not None else "maskkv-default"
     return str(path), name
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    if args.ray:
-        from maskkv_engine.distributed.ray_serve import run_ray_serve
-
-        return run_ray_serve(args)
-    from maskkv_engine.entrypoints.openai.api_server import run_server
-
-    return run_server(args)
