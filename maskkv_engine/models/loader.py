@@ -75,12 +75,13 @@ def _allowed_roots(root: Path) -> list[Path]:
     return roots
 
 
-def _check_inside(root: Path, file: Path, source: Path) -> Path:
+def _check_inside(root: Path, file: Path, source: Path, entry: str | None = None) -> Path:
     """Refuse a file (an index entry, or a symlink) that resolves outside the model folder: loading a
-    checkpoint must never read files it does not contain."""
+    checkpoint must never read files it does not contain. ``entry``: the name as the index spells it."""
     real = file.resolve()
     if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
-        raise CheckpointError(source, f"{file.name!r} resolves to {str(real)!r}, outside the model directory: refused")
+        name = entry if entry is not None else file.name
+        raise CheckpointError(source, f"{name!r} resolves to {str(real)!r}, outside the model directory: refused")
     return real
 
 
@@ -95,9 +96,9 @@ def safetensors_files(root: Path) -> list[Path]:
         bad = [n for n in weight_map.values() if not isinstance(n, str) or not n]
         if bad:
             raise CheckpointError(index, f"weight_map values {bad[:4]} must be shard file names")
+        for name in sorted(set(weight_map.values())):
+            _check_inside(root, root / name, index, entry=name)
         files = sorted({root / name for name in weight_map.values()})
-        for file in files:
-            _check_inside(root, file, index)
         missing = [str(p.relative_to(root)) for p in files if not p.is_file()]
         if missing:
             raise CheckpointError(index, f"weight_map names shard files that are missing: {missing}")

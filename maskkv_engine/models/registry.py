@@ -28,7 +28,9 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
 
 def resolve_architecture(hf_config: dict) -> tuple[str, ModelSpec]:
     """Dispatch on ``architectures`` (never on model_type: fine-tunes often keep the arch, rename the type)."""
-    archs = hf_config.get("architectures") or []
+    if hf_config.get("architectures") is None:
+        raise ValueError(f"architectures is missing (a list naming one of {sorted(MODEL_REGISTRY)})")
+    archs = hf_config["architectures"]
     if isinstance(archs, str):
         archs = [archs]
     if isinstance(archs, list):
