@@ -48,8 +48,14 @@ def good(tmp_path_factory) -> dict[str, Path]:
     tokenizer and a calibration profile, so that every file the loader reads is present."""
     base = tmp_path_factory.mktemp("good")
     llada = llada_config(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=VOCAB)
-    dream = dream_config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=VOCAB)  # fmt: skip
+    dream = dream_config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+    )
     return {
         "llada": _write_good(base / "llada", llada, shards=1),
         "sharded": _write_good(base / "sharded", llada, shards=2),
@@ -176,6 +182,7 @@ def set_profile(**changes) -> Callable[[Path], None]:
 
 
 # (id, base checkpoint, how to break it, the file the error must start with, what the message must name)
+# fmt: off
 CASES = [
     ("config-not-json", "llada", write("config.json", "{not json"), "config.json", "not valid JSON"),
     ("config-binary", "llada", write("config.json", b"\xff\xfe\x00garbage"), "config.json", "not valid JSON"),
@@ -222,32 +229,33 @@ CASES = [
     ("symlink-outside-dir", "sharded", symlink_outside, INDEX, "outside the model directory"),
     ("tensor-in-two-shards", "sharded", duplicate_tensor, SHARD2, "is also in"),
     ("tensor-int8", "llada", edit_tensors("model.safetensors", set_tensor(Q0, lambda t: t.to(torch.int8))),
-     "model.safetensors", f"{Q0} is stored as I8"),  # fmt: skip
+     "model.safetensors", f"{Q0} is stored as I8"),
     ("tensor-wrong-shape", "llada", edit_tensors("model.safetensors", set_tensor(Q0, lambda t: t[:3])),
-     "model.safetensors", f"{Q0} has shape (3, 32), expected (32, 32)"),  # fmt: skip
+     "model.safetensors", f"{Q0} has shape (3, 32), expected (32, 32)"),
     ("tensor-missing", "llada", edit_tensors("model.safetensors", lambda t: t.pop(Q0)),
-     "model.safetensors", f"missing weights ['{Q0}']"),  # fmt: skip
+     "model.safetensors", f"missing weights ['{Q0}']"),
     ("tensor-unexpected", "llada", edit_tensors("model.safetensors", lambda t: t.update(extra=torch.zeros(2))),
-     "model.safetensors", "unexpected weights ['extra']"),  # fmt: skip
+     "model.safetensors", "unexpected weights ['extra']"),
     ("tensor-missing-sharded", "sharded", edit_tensors(SHARD1, lambda t: t.pop("model.transformer.wte.weight")),
-     INDEX, "missing weights ['model.transformer.wte.weight']"),  # fmt: skip
+     INDEX, "missing weights ['model.transformer.wte.weight']"),
     ("tensor-nan", "llada", edit_tensors("model.safetensors", set_tensor(Q0, poison(float("nan")))),
-     "model.safetensors", f"{Q0} holds NaN or Inf"),  # fmt: skip
+     "model.safetensors", f"{Q0} holds NaN or Inf"),
     ("tensor-inf", "llada", edit_tensors("model.safetensors", set_tensor("model.transformer.ln_f.weight",
-     poison(float("inf")))), "model.safetensors", "ln_f.weight holds NaN or Inf"),  # fmt: skip
+     poison(float("inf")))), "model.safetensors", "ln_f.weight holds NaN or Inf"),
     ("tokenizer-json-corrupt", "llada", write("tokenizer.json", '{"version": '), "tokenizer.json", "not valid JSON"),
     ("tokenizer-json-not-a-tokenizer", "llada", write("tokenizer.json", "{}"), "tokenizer.json", "tokenizer"),
     ("tokenizer-config-corrupt", "llada", write("tokenizer_config.json", "{,}"), "tokenizer_config.json", "JSON"),
     ("profile-not-json", "llada", write(PROFILE_FILE, "nope"), PROFILE_FILE, "not valid JSON"),
     ("profile-wrong-shape", "llada", set_profile(prompt_preference=[[0.5]] * 2), PROFILE_FILE,
-     "prompt_preference is for (2, 1)"),  # fmt: skip
+     "prompt_preference is for (2, 1)"),
     ("profile-wrong-layers", "llada", set_profile(layer_importance=[0.5] * 5), PROFILE_FILE,
-     "layer_importance is for (5,)"),  # fmt: skip
+     "layer_importance is for (5,)"),
     ("profile-missing-field", "llada", set_profile(layer_importance=_DROP), PROFILE_FILE, "layer_importance is missing"),
     ("profile-ragged", "llada", set_profile(prompt_preference=[[0.5, 0.5], [0.5]]), PROFILE_FILE, "prompt_preference"),
     ("profile-strings", "llada", set_profile(layer_importance=["a", "b"]), PROFILE_FILE, "layer_importance"),
     ("profile-nan", "llada", set_profile(layer_importance=[float("nan"), 0.5]), PROFILE_FILE, "finite"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("base", "breaker", "file", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
