@@ -197,7 +197,11 @@ def test_every_flag_has_help_and_shows_its_default(command):
         assert action.help, f"{command} {flag} has no help text"
         if action.default is not None and not isinstance(action.default, bool):
             assert "%(default)" in p._get_formatter()._get_help_string(action), f"{command} {flag} hides its default"
-        elif not isinstance(action.default, bool) and not action.required and action.dest not in ("prompt", "prompt_file"):
+        elif (
+            not isinstance(action.default, bool)
+            and not action.required
+            and action.dest not in ("prompt", "prompt_file")
+        ):
             assert "(default" in action.help, f"{command} {flag}: say what leaving it unset means"
     for shown in ("(default: 32)", "(default: 0.0)", "(default: auto)") if command == "generate" else ():
         assert shown in " ".join(text.split()), shown
