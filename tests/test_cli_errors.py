@@ -211,3 +211,43 @@ def test_random_checkpoint_help_lists_every_default():
     text = " ".join(_subparser("random-checkpoint").format_help().split())
     for default in ("llada", "128", "2", "4", "256", "512", "32768", "0"):
         assert f"(default: {default})" in text, default
+
+
+# ---- a bad checkpoint through the other commands that load one ----------------------------------------------
+@pytest.fixture
+def broken_model(tiny_model, tmp_path) -> Path:
+    import shutil
+
+    path = tmp_path / "broken"
+    shutil.copytree(tiny_model, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["n_kv_heads"] = 0
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_serve_bad_checkpoint_is_one_line(broken_model):
+    proc = run_cli(["serve", "--model", str(broken_model), "--port", "0"])
+    assert_one_line_error(proc, "serve", f"{broken_model / 'config.json'}: n_kv_heads=0")
+
+
+def test_calibrate_bad_checkpoint_is_one_line(broken_model, capsys):
+    assert cli.main(["calibrate", "--model", str(broken_model), "--num-prompts", "1", "--prompt-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"maskkv calibrate: error: {broken_model / 'config.json'}: n_kv_heads=0 must be an integer >= 1\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["random-checkpoint", "--out", "x", "--layers", "abc"], "argument --layers: invalid int value: 'abc'"),
+        (["generate", "--model", "x"], "one of the arguments --prompt --prompt-file is required"),
+        (["generate", "--prompt", "a", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_argparse_errors_are_one_line_too(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"maskkv {argv[0]}: error: ") and needle in err, err

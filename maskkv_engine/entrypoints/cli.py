@@ -48,6 +48,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad int, a missing flag) follow the same one-line rule: no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(flag: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{flag}={value} must be an integer >= 1")
@@ -236,9 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV."
-    )
+    parser = _Parser(prog="maskkv", description="Diffusion LM inference with per-head pruned, paged KV.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw) -> argparse.ArgumentParser:
@@ -314,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.bench_argv = rest
     elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:
