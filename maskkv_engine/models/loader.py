@@ -78,9 +78,12 @@ def _allowed_roots(root: Path) -> list[Path]:
 def _check_inside(root: Path, file: Path, source: Path, entry: str | None = None) -> Path:
     """Refuse a file (an index entry, or a symlink) that resolves outside the model folder: loading a
     checkpoint must never read files it does not contain. ``entry``: the name as the index spells it."""
-    real = file.resolve()
+    name = entry if entry is not None else file.name
+    try:
+        real = file.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(source, f"{name!r} cannot be resolved ({e})") from e
     if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
-        name = entry if entry is not None else file.name
         raise CheckpointError(source, f"{name!r} resolves to {str(real)!r}, outside the model directory: refused")
     return real
 
