@@ -42,6 +42,7 @@ sys.exit(cli.main(argv))
 
 def run_cli(argv: list[str], block: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # other test files turn triton's CPU interpreter on for this process
     cmd = [sys.executable, "-c", _RUNNER, json.dumps(argv), json.dumps(list(block))]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
