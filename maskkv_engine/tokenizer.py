@@ -11,6 +11,8 @@ import json
 import logging
 from pathlib import Path
 
+from maskkv_engine.models.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -30,9 +32,14 @@ def _quiet_transformers():
 
 
 def load_tokenizer(path: str):
-    """The tokenizer (with its chat template), or None when the directory carries no tokenizer files."""
+    """The tokenizer (with its chat template), or None when the directory carries no tokenizer files.
+
+    A file that cannot be read raises CheckpointError naming it (the first unparsable JSON file, else the
+    main tokenizer file), never a traceback from deep inside transformers.
+    """
     root = Path(path)
-    if not any((root / f).is_file() for f in TOKENIZER_FILES):
+    present = [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+    if not present:
         return None
     from transformers import AutoTokenizer
 
@@ -40,10 +47,25 @@ def load_tokenizer(path: str):
         try:
             return AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
         except Exception as first:  # e.g. a tokenizer_class that only exists as remote code
-            fallback = _stock_tokenizer(root)
+            try:
+                fallback = _stock_tokenizer(root)
+            except Exception as second:
+                raise _tokenizer_error(root, present, second) from second
             if fallback is None:
-                raise ValueError(f"could not load the tokenizer in {str(root)!r}: {first}") from first
+                raise _tokenizer_error(root, present, first) from first
             return fallback
+
+
+def _tokenizer_error(root: Path, present: list[Path], error: Exception) -> CheckpointError:
+    """Name the file at fault: the first tokenizer JSON that does not parse, else the main tokenizer file."""
+    for file in [*present, root / "special_tokens_map.json"]:
+        if file.suffix != ".json" or not file.is_file():
+            continue
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return CheckpointError(file, f"is not valid JSON ({e})")
+    return CheckpointError(present[0], f"could not load the tokenizer ({type(error).__name__}: {error})")
 
 
 def _stock_tokenizer(root: Path):

@@ -24,8 +24,7 @@ from maskkv_engine.engine.scheduler import Scheduler, SchedulerOutput, StepFailu
 from maskkv_engine.kv.planner import KVPlanner
 from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
-from maskkv_engine.models.loader import load_model, read_hf_config, resolve_dtype
-from maskkv_engine.models.registry import parse_config
+from maskkv_engine.models.loader import load_config, load_model, read_hf_config, resolve_dtype
 from maskkv_engine.outputs import RequestOutput
 from maskkv_engine.request import Request
 from maskkv_engine.sampling.sampler import Sampler
@@ -51,7 +50,7 @@ class LLMEngine:
             )
             self.dtype = next(self.model.parameters()).dtype
         else:  # another engine computes the forward passes: our weights are never loaded
-            self.model, self.model_config = None, parse_config(read_hf_config(config.model))
+            self.model, self.model_config = None, load_config(config.model)
             self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)

@@ -13,6 +13,8 @@ import torch
 
 from maskkv_engine.kv.base import ModelStats
 from maskkv_engine.models.config import DiffusionLMConfig
+from maskkv_engine.models.errors import CheckpointError
+from maskkv_engine.models.loader import read_json_object
 
 PROFILE_FILE = "maskkv_profile.json"
 
@@ -36,7 +38,11 @@ def save_profile(
 
 
 def load_profile(model_path: str, model_config: DiffusionLMConfig, explicit: str | None = None) -> ModelStats | None:
-    """The profile at ``explicit`` (must exist), else ``<model>/maskkv_profile.json`` if present, else None."""
+    """The profile at ``explicit`` (must exist), else ``<model>/maskkv_profile.json`` if present, else None.
+
+    A profile that is not JSON, lacks a field, or was measured on another shape raises CheckpointError
+    naming the file and the field: a wrong profile would silently give every head the wrong budget.
+    """
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
@@ -45,12 +51,25 @@ def load_profile(model_path: str, model_config: DiffusionLMConfig, explicit: str
         path = Path(model_path) / PROFILE_FILE
         if not path.is_file():
             return None
-    data = json.loads(path.read_text())
+    data = read_json_object(path)
     layers, heads = model_config.num_layers, model_config.num_kv_heads
-    imp = torch.tensor(data["layer_importance"], dtype=torch.float64)
-    pref = torch.tensor(data["prompt_preference"], dtype=torch.float64)
-    if imp.shape != (layers,) or pref.shape != (layers, heads):
-        raise ValueError(
-            f"profile {str(path)!r} is for {tuple(pref.shape)} (layers, kv heads), the model has ({layers}, {heads})"
-        )
+    imp = _matrix(path, data, "layer_importance", (layers,), "layers")
+    pref = _matrix(path, data, "prompt_preference", (layers, heads), "layers, kv heads")
     return ModelStats(layer_importance=imp, prompt_preference=pref)
+
+
+def _matrix(path: Path, data: dict, key: str, shape: tuple[int, ...], dims: str) -> torch.Tensor:
+    """One numeric field of the profile, of exactly the model's shape, finite and >= 0."""
+    if key not in data:
+        raise CheckpointError(path, f"{key} is missing (a list of shape ({dims}) = {shape})")
+    try:
+        value = torch.tensor(data[key], dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(path, f"{key} must be a list of numbers of shape ({dims}) = {shape} ({e})") from e
+    if tuple(value.shape) != shape:
+        raise CheckpointError(
+            path, f"{key} is for {tuple(value.shape)} ({dims}), the model has {shape}: calibrated for another model?"
+        )
+    if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+        raise CheckpointError(path, f"{key} must hold finite numbers >= 0")
+    return value

@@ -12,41 +12,53 @@ import torch
 from torch import nn
 
 from maskkv_engine.models.block import block_forward
-from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
+from maskkv_engine.models.config import DiffusionLMConfig, read_bool, read_float, read_ids, read_int, read_str
 from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 DREAM_MASK_ID = 151666
+
+# DiffusionLMConfig field -> the config.json key Dream (Qwen2) spells it with
+DREAM_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "max_position": "max_position_embeddings",
+    "eos_token_ids": "eos_token_id",
+}
 
 
 def parse_dream_config(cfg: dict) -> DiffusionLMConfig:
     arch = "DreamModel"
     if cfg.get("use_sliding_window"):
-        raise ValueError("config.json: use_sliding_window=true is not supported for DreamModel (allowed: false)")
+        raise ValueError(f"use_sliding_window=true is not supported for {arch} (allowed: false)")
     if cfg.get("rope_scaling") not in (None, {}):
-        raise ValueError(f"config.json: rope_scaling={cfg['rope_scaling']!r} is not supported (allowed: null)")
+        raise ValueError(f"rope_scaling={cfg['rope_scaling']!r} is not supported for {arch} (allowed: null)")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={cfg['hidden_act']!r} is not supported (allowed: 'silu')")
-    hidden = int(require(cfg, "hidden_size", arch))
-    n_heads = int(require(cfg, "num_attention_heads", arch))
+        raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported for {arch} (allowed: 'silu')")
+    hidden = read_int(cfg, "hidden_size")
+    n_heads = read_int(cfg, "num_attention_heads")
+    if cfg.get("head_dim") is None and hidden % n_heads:
+        raise ValueError(f"hidden_size={hidden} must be a multiple of num_attention_heads={n_heads} (or give head_dim)")
     return DiffusionLMConfig(
         architecture=arch,
-        vocab_size=int(require(cfg, "vocab_size", arch)),
+        vocab_size=read_int(cfg, "vocab_size"),
         hidden_size=hidden,
-        num_layers=int(require(cfg, "num_hidden_layers", arch)),
+        num_layers=read_int(cfg, "num_hidden_layers"),
         num_heads=n_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=int(cfg.get("head_dim") or hidden // n_heads),
-        intermediate_size=int(require(cfg, "intermediate_size", arch)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_position=int(cfg.get("max_position_embeddings", 32768)),
-        mask_token_id=int(cfg.get("mask_token_id", DREAM_MASK_ID)),
-        eos_token_ids=as_id_tuple(cfg.get("eos_token_id", 151643)),
+        num_kv_heads=read_int(cfg, "num_key_value_heads", n_heads),
+        head_dim=read_int(cfg, "head_dim", hidden // n_heads),
+        intermediate_size=read_int(cfg, "intermediate_size"),
+        rope_theta=read_float(cfg, "rope_theta", 10000.0),
+        rms_norm_eps=read_float(cfg, "rms_norm_eps", 1e-6),
+        max_position=read_int(cfg, "max_position_embeddings", 32768),
+        mask_token_id=read_int(cfg, "mask_token_id", DREAM_MASK_ID, minimum=0),
+        eos_token_ids=read_ids(cfg, "eos_token_id", (151643,)),
         qkv_bias=True,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=read_bool(cfg, "tie_word_embeddings", False),
         logits_shift=True,
         rope_in_float32=False,
-        torch_dtype=str(cfg.get("torch_dtype") or "float32"),
+        torch_dtype=read_str(cfg, "torch_dtype", "float32"),
+        keys=DREAM_KEYS,
     )
 
 

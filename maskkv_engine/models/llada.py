@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from maskkv_engine.models.block import block_forward
-from maskkv_engine.models.config import DiffusionLMConfig, as_id_tuple, require
+from maskkv_engine.models.config import DiffusionLMConfig, read_bool, read_float, read_ids, read_int, read_str
 from maskkv_engine.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, linear, swiglu
 
 LLADA_MASK_ID = 126336
@@ -29,39 +29,50 @@ _UNSUPPORTED = {
     "activation_type": ("silu", "swiglu", None),
 }
 
+# DiffusionLMConfig field -> the config.json key LLaDA spells it with (errors name the key in the file)
+LLADA_KEYS = {
+    "hidden_size": "d_model",
+    "num_layers": "n_layers",
+    "num_heads": "n_heads",
+    "num_kv_heads": "n_kv_heads",
+    "intermediate_size": "mlp_hidden_size",
+    "max_position": "max_sequence_length",
+    "eos_token_ids": "eos_token_id",
+}
+
 
 def parse_llada_config(cfg: dict) -> DiffusionLMConfig:
     arch = "LLaDAModelLM"
     for key, allowed in _UNSUPPORTED.items():
         if cfg.get(key) not in allowed:
-            raise ValueError(
-                f"config.json: {key}={cfg.get(key)!r} is not supported for {arch} (allowed: {allowed[:-1]})"
-            )
-    d_model = int(require(cfg, "d_model", arch))
-    n_heads = int(require(cfg, "n_heads", arch))
-    n_kv = cfg.get("n_kv_heads") or (1 if cfg.get("multi_query_attention") else n_heads)
-    mlp = cfg.get("mlp_hidden_size") or int(cfg.get("mlp_ratio", 4)) * d_model
-    vocab = int(cfg.get("embedding_size") or require(cfg, "vocab_size", arch))
-    eos = as_id_tuple(cfg.get("eos_token_id", 126081))
+            raise ValueError(f"{key}={cfg.get(key)!r} is not supported for {arch} (allowed: {allowed[:-1]})")
+    d_model = read_int(cfg, "d_model")
+    n_heads = read_int(cfg, "n_heads")
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads} (the head size)")
+    n_kv = read_int(cfg, "n_kv_heads", 1 if cfg.get("multi_query_attention") else n_heads)
+    mlp = read_int(cfg, "mlp_hidden_size", read_int(cfg, "mlp_ratio", 4) * d_model)
+    vocab_key = "embedding_size" if cfg.get("embedding_size") is not None else "vocab_size"
     return DiffusionLMConfig(
         architecture=arch,
-        vocab_size=vocab,
+        vocab_size=read_int(cfg, vocab_key),
         hidden_size=d_model,
-        num_layers=int(require(cfg, "n_layers", arch)),
+        num_layers=read_int(cfg, "n_layers"),
         num_heads=n_heads,
-        num_kv_heads=int(n_kv),
+        num_kv_heads=n_kv,
         head_dim=d_model // n_heads,
-        intermediate_size=int(mlp),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        max_position=int(cfg.get("max_sequence_length", 4096)),
-        mask_token_id=int(cfg.get("mask_token_id", LLADA_MASK_ID)),
-        eos_token_ids=eos,
-        qkv_bias=bool(cfg.get("include_qkv_bias", False)),
-        tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+        intermediate_size=mlp,
+        rope_theta=read_float(cfg, "rope_theta", 10000.0),
+        rms_norm_eps=read_float(cfg, "rms_norm_eps", 1e-5),
+        max_position=read_int(cfg, "max_sequence_length", 4096),
+        mask_token_id=read_int(cfg, "mask_token_id", LLADA_MASK_ID, minimum=0),
+        eos_token_ids=read_ids(cfg, "eos_token_id", (126081,)),
+        qkv_bias=read_bool(cfg, "include_qkv_bias", False),
+        tie_word_embeddings=read_bool(cfg, "weight_tying", False),
         logits_shift=False,
-        rope_in_float32=bool(cfg.get("rope_full_precision", True)),
-        torch_dtype=str(cfg.get("torch_dtype") or "float32"),
+        rope_in_float32=read_bool(cfg, "rope_full_precision", True),
+        torch_dtype=read_str(cfg, "torch_dtype", "float32"),
+        keys=dict(LLADA_KEYS, vocab_size=vocab_key),
     )
 
 

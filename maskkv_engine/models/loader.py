@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from maskkv_engine.models.config import DiffusionLMConfig
-from maskkv_engine.models.registry import resolve_architecture
+from maskkv_engine.models.errors import CheckpointError
+from maskkv_engine.models.registry import parse_config, resolve_architecture
 
 DTYPES = {
     "float32": torch.float32,
@@ -22,14 +23,31 @@ DTYPES = {
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
+    """config.json as a dict; CheckpointError (naming the file) when it is absent, not JSON or not an object."""
     root = Path(path)
     cfg_file = root / "config.json"
     if not root.is_dir():
-        raise ValueError(f"model={str(path)!r} is not a local directory (model hubs are not used: pass a path)")
+        raise CheckpointError(path, "is not a local directory (model hubs are not used: pass a path)")
     if not cfg_file.is_file():
-        raise ValueError(f"model={str(path)!r} has no config.json")
-    with cfg_file.open() as f:
-        return json.load(f)
+        raise CheckpointError(path, "has no config.json (the file that names the architecture and its sizes)")
+    _check_inside(root, cfg_file, cfg_file)
+    return read_json_object(cfg_file)
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold one object (config.json, the shard index, a profile)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(file, f"is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(file, f"must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike) -> DiffusionLMConfig:
+    """The checkpoint's normalised config, every field checked (CheckpointError names config.json and the field)."""
+    return parse_config(read_hf_config(path), source=Path(path) / "config.json")
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.device) -> torch.dtype:
@@ -47,19 +65,52 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: str, device: torch.dev
     return DTYPES[dtype]
 
 
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where a checkpoint's files may live: its own folder, and for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>``, whose files are links into ``../../blobs``) that repo's blobs."""
+    real = root.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _check_inside(root: Path, file: Path, source: Path, entry: str | None = None) -> Path:
+    """Refuse a file (an index entry, or a symlink) that resolves outside the model folder: loading a
+    checkpoint must never read files it does not contain. ``entry``: the name as the index spells it."""
+    name = entry if entry is not None else file.name
+    try:
+        real = file.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(source, f"{name!r} cannot be resolved ({e})") from e
+    if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
+        raise CheckpointError(source, f"{name!r} resolves to {str(real)!r}, outside the model directory: refused")
+    return real
+
+
 def safetensors_files(root: Path) -> list[Path]:
+    """The weight files: the shards named by model.safetensors.index.json, else every *.safetensors."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        with index.open() as f:
-            weight_map = json.load(f)["weight_map"]
+        _check_inside(root, index, index)
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(index, f"weight_map={weight_map!r} must be a non-empty object (tensor name -> shard)")
+        bad = [n for n in weight_map.values() if not isinstance(n, str) or not n]
+        if bad:
+            raise CheckpointError(index, f"weight_map values {bad[:4]} must be shard file names")
+        for name in sorted(set(weight_map.values())):
+            _check_inside(root, root / name, index, entry=name)
         files = sorted({root / name for name in weight_map.values()})
-        missing = [str(p.name) for p in files if not p.is_file()]
+        missing = [str(p.relative_to(root)) for p in files if not p.is_file()]
         if missing:
-            raise ValueError(f"model.safetensors.index.json names shard files that are missing: {missing}")
+            raise CheckpointError(index, f"weight_map names shard files that are missing: {missing}")
         return files
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"model={str(root)!r} has no *.safetensors weights (load_format='dummy' for random weights)")
+        raise CheckpointError(root, "has no *.safetensors weights (load_format='dummy' for random weights)")
+    for file in files:
+        _check_inside(root, file, file)
     return files
 
 
@@ -78,8 +129,8 @@ def load_model(
         raise ValueError(f"load_format={load_format!r} is not supported (allowed: 'auto', 'safetensors', 'dummy')")
     device = torch.device(device)
     hf_config = read_hf_config(path)
+    cfg = parse_config(hf_config, source=Path(path) / "config.json")
     _, spec = resolve_architecture(hf_config)
-    cfg = spec.parse_config(hf_config)
     torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, device)
 
     with torch.device("meta"):
@@ -95,20 +146,30 @@ def load_model(
     return model, cfg
 
 
+# safetensors dtype names of the float types a checkpoint may store (cast to the dtype asked for)
+FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}
+
+
 def _read_state(root: Path, expected: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    files = safetensors_files(root)
+    index = root / "model.safetensors.index.json"
+    source = index if index.is_file() else files[0] if len(files) == 1 else root
     state: dict[str, torch.Tensor] = {}
+    found_in: dict[str, Path] = {}
     unexpected: list[str] = []
-    for file in safetensors_files(root):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                tensor = f.get_tensor(name)
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    raise ValueError(f"weight {name} has shape {tuple(tensor.shape)} in {file.name}, expected {want}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in found_in:
+                        raise CheckpointError(file, f"tensor {name} is also in {found_in[name].name}")
+                    found_in[name] = file
+                    if name not in expected:
+                        unexpected.append(name)
+                        continue
+                    state[name] = _read_tensor(f, file, name, tuple(expected[name].shape), dtype, device)
+        except SafetensorError as e:
+            raise CheckpointError(file, f"is not a readable safetensors file ({e})") from e
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
         parts = []
@@ -116,8 +177,34 @@ def _read_state(root: Path, expected: dict, dtype: torch.dtype, device: torch.de
             parts.append(f"missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected weights {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        raise ValueError(f"checkpoint at {str(root)!r} does not match its config.json: " + "; ".join(parts))
+        raise CheckpointError(source, "does not match its config.json: " + "; ".join(parts))
     return state
+
+
+def _read_tensor(f, file: Path, name: str, want: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One tensor, its storage type and shape checked before it is read, its values after."""
+    header = f.get_slice(name)
+    stored = header.get_dtype()
+    if stored not in FLOAT_STORAGE:
+        raise CheckpointError(
+            file,
+            f"tensor {name} is stored as {stored} (allowed: {sorted(FLOAT_STORAGE)}; quantized weights are not supported)",
+        )
+    shape = tuple(header.get_shape())
+    if shape != want:
+        raise CheckpointError(file, f"weight {name} has shape {shape}, expected {want}")
+    source = f.get_tensor(name)
+    tensor = source.to(device=device, dtype=dtype)
+    if not _all_finite(tensor):
+        where = "" if not _all_finite(source) else f" after conversion to {str(dtype).removeprefix('torch.')}"
+        raise CheckpointError(file, f"tensor {name} holds NaN or Inf values{where}")
+    return tensor
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """In chunks, so an 8B model's embedding does not need a second embedding-sized bool tensor."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def _random_state(expected: dict, seed: int, dtype: torch.dtype, device: torch.device) -> dict:
