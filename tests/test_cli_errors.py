@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from maskkv_engine.entrypoints import cli
+from maskkv_engine.sampling_params import DEFAULT_GEN_LENGTH
 
 ROOT = Path(__file__).parents[1]
 
@@ -204,7 +205,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
             and action.dest not in ("prompt", "prompt_file")
         ):
             assert "(default" in action.help, f"{command} {flag}: say what leaving it unset means"
-    for shown in ("(default: 32)", "(default: 0.0)", "(default: auto)") if command == "generate" else ():
+    for shown in (f"(default: {DEFAULT_GEN_LENGTH})", "(default: 0.0)", "(default: auto)") if command == "generate" else ():
         assert shown in " ".join(text.split()), shown
 
 
