@@ -89,7 +89,7 @@ def test_generate_progress_bar(llm_none, capsys):
         (dict(gen_length=16, block_length=5), "block_length=5 must divide gen_length=16"),
         (dict(gen_length=16, block_length=8, steps=5), "steps=5 must be a multiple of the number of blocks"),
         (dict(temperature=-0.5), "temperature=-0.5 must be a number >= 0"),
-        (dict(remasking="greedy"), "remasking='greedy' is not known"),
+        (dict(remasking=""), "remasking='' must be a decoding rule's name"),
         (dict(kv_budget=0), "kv_budget=0 must be an integer >= 1"),
         (dict(top_p=1.5), "top_p=1.5 must be in"),
         (dict(threshold=0.9, factor=1.0), "threshold or factor, not both"),
@@ -98,6 +98,13 @@ def test_generate_progress_bar(llm_none, capsys):
 def test_sampling_params_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SamplingParams(**kwargs)
+
+
+def test_an_unknown_decoding_rule_is_refused_with_the_names_that_exist(llm_full):
+    """Which rule names exist is the registry's to say (a plugin can add one), checked when the request is added."""
+    with pytest.raises(ValueError, match=r"remasking='greedy' is not known \(allowed: \[.*'low_confidence'"):
+        llm_full.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(remasking="greedy"), use_tqdm=False)
+    assert not llm_full.llm_engine.has_unfinished_requests()
 
 
 def test_request_errors_leave_the_engine_clean(llm_full, llada_dir):

@@ -15,6 +15,7 @@ from maskkv_engine.models.random_checkpoint import llada_config, write_checkpoin
 from maskkv_engine.refresh.base import StepPlan
 from maskkv_engine.refresh.dllm_cache import DLLMCache, DLLMCacheState
 from maskkv_engine.refresh.elastic import ElasticCache, ElasticState
+from maskkv_engine.sampling.sliding_window import denoise_state_for
 from tests.conftest import prompt_ids
 from tests.naive_llada import NaiveLLaDA
 from tests.reference_refresh import dllm_cache_generate, elastic_generate
@@ -191,7 +192,8 @@ def test_elastic_early_stop_cuts_at_the_model_eos_unless_asked_for_every_stop_to
     tokens = torch.tensor([1, 2, 99, 6, 99, 99, 5, 99])  # end-of-turn (6) at 1, EOS (5) at 4
     for stop_tokens, region in (("eos", [2, 4, 5]), ("all", [2])):
         req = Req()
-        ElasticCache(stop_tokens=stop_tokens).new_state(req)
-        assert req.state.region(tokens, 99).tolist() == region
+        spec = ElasticCache(stop_tokens=stop_tokens).decoding_region(req)
+        state = denoise_state_for(req.params, req.prompt_len, req.logits_shift, spec)
+        assert state.region(tokens, 99).tolist() == region
     with pytest.raises(ValueError, match="stop_tokens='eot' must be 'eos' or 'all'"):
         ElasticCache(stop_tokens="eot")

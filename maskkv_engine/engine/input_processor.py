@@ -20,8 +20,9 @@ from maskkv_engine.models.config import DiffusionLMConfig
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.registry import get_refresh
 from maskkv_engine.request import Request
-from maskkv_engine.sampling.denoise_state import DenoiseState
-from maskkv_engine.sampling_params import DREAM_REMASKING, LLADA_REMASKING, SamplingParams
+from maskkv_engine.sampling.registry import get_rule
+from maskkv_engine.sampling.sliding_window import denoise_state_for
+from maskkv_engine.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -81,8 +82,8 @@ class InputProcessor:
             num_layers=cfg.num_layers,
         )
         req.eos_token_ids = tuple(i for i in cfg.eos_token_ids if i in self.stop_token_ids)
-        req.state = DenoiseState(params, req.prompt_len, dream=cfg.logits_shift)
         refresh.check(req)
+        req.state = denoise_state_for(params, req.prompt_len, cfg.logits_shift, refresh.decoding_region(req))
         req.refresh_state = refresh.new_state(req)
         req.policy_ctx = self.planner.context(req.n_cached, req.prompt_len, req.num_tokens, budget)
         req.kv_plan = self.planner.plan(req.policy_ctx)
@@ -165,30 +166,14 @@ class InputProcessor:
             )
         if self.model_config.mask_token_id in token_ids:
             raise ValueError(f"prompt contains the mask token id {self.model_config.mask_token_id}")
-        if self.model_config.logits_shift:
-            self._validate_dream(params)
-        elif params.remasking not in LLADA_REMASKING:
-            raise ValueError(
-                f"SamplingParams.remasking={params.remasking!r} is not a LLaDA rule (allowed: {LLADA_REMASKING})"
-            )
+        dream = self.model_config.logits_shift
+        get_rule(params.remasking).validate(params, dream)
+        if dream and params.block_length != params.gen_length:
+            raise ValueError("Dream decodes the whole response as one block: leave block_length unset (= gen_length)")
+        if dream and params.cfg_scale > 0:
+            raise ValueError("cfg_scale > 0 is a LLaDA option; Dream has no classifier-free guidance")
         if params.cfg_scale > 0 and self.policy.caches:
             raise ValueError(
                 f"cfg_scale > 0 runs with kv_policy='none' only (the unconditional branch would need its own cache); "
                 f"kv_policy={self.config.kv_policy!r}"
-            )
-
-    @staticmethod
-    def _validate_dream(params: SamplingParams) -> None:
-        if params.remasking not in DREAM_REMASKING + ("low_confidence",):
-            raise ValueError(
-                f"SamplingParams.remasking={params.remasking!r} is not a Dream algorithm (allowed: {DREAM_REMASKING})"
-            )
-        if params.block_length != params.gen_length:
-            raise ValueError("Dream decodes the whole response as one block: leave block_length unset (= gen_length)")
-        if params.cfg_scale > 0:
-            raise ValueError("cfg_scale > 0 is a LLaDA option; Dream has no classifier-free guidance")
-        if params.remasking == "origin" and params.parallel_decoding:
-            raise ValueError(
-                "SamplingParams.remasking='origin' reveals tokens by Dream's transfer probability and has no "
-                "confidence: threshold / factor need a confidence rule (maskgit_plus, topk_margin, entropy)"
             )

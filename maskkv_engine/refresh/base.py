@@ -99,5 +99,10 @@ class RefreshStrategy:
     def new_state(self, request: Request) -> RefreshState:
         return RefreshState(request)
 
+    def decoding_region(self, request: Request) -> dict | None:
+        """A decoding region other than the rule's block schedule, by name and options (Elastic's sliding
+        window: ``{"region": "sliding_window", ...}``); None keeps the schedule. The engine builds it."""
+        return None
+
     def check(self, request: Request) -> None:
         """Refuse a combination that makes no sense, with a clear error, before the request starts."""

@@ -33,53 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from maskkv_engine.refresh.base import RefreshState, RefreshStrategy, StepPlan
-from maskkv_engine.sampling.denoise_state import DenoiseState
-
-
-class SlidingWindowState(DenoiseState):
-    """Elastic's decoding region and window. The region is every mask of the response until the first
-    step that commits a stop token; from then on, only the masks before the leftmost stop token that
-    step committed (the official code cuts once: a stop token committed later, even further left, does
-    not cut again). The window is the region's leftmost ``window`` masks. One token per step unless a
-    threshold / factor rule is set; steps and blocks do not apply."""
-
-    def __init__(self, params, prompt_len: int, dream: bool, window: int, early_stop: bool, stop_ids: tuple[int, ...]):
-        super().__init__(params, prompt_len, dream)
-        self.window = window
-        self.early_stop = early_stop
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
-        self.cut: int | None = None  # response index of the stop token that ended the region
-
-    def _settle(self, tokens) -> None:
-        """Fix the cut the first time the canvas holds a stop token. Tokens only enter the canvas through
-        a step's commits, so at that moment its leftmost stop token is the leftmost one the step committed."""
-        if self.cut is None and self.early_stop and self.stop_ids.numel():
-            stops = torch.isin(tokens[self.prompt_len :], self.stop_ids).nonzero()
-            if stops.numel():
-                self.cut = int(stops[0])
-
-    def region(self, tokens, mask_id) -> torch.Tensor:
-        """The decoding region's masks (absolute positions, ascending)."""
-        self._settle(tokens)
-        masks = (tokens[self.prompt_len :] == mask_id).nonzero().squeeze(-1)
-        if self.cut is not None:
-            masks = masks[masks < self.cut]
-        return masks + self.prompt_len
-
-    def candidates(self, tokens, mask_id):
-        return self.region(tokens, mask_id)[: self.window]
-
-    def num_to_commit(self, num_candidates: int) -> int:
-        return 1
-
-    def finished(self, tokens, mask_id) -> bool:
-        return self.candidates(tokens, mask_id).numel() == 0
-
-    def skip_empty_steps(self, tokens, mask_id) -> None:
-        return
-
-    def advance(self, tokens, mask_id) -> None:
-        self._settle(tokens)
 
 
 class ElasticState(RefreshState):
@@ -129,8 +82,9 @@ class ElasticState(RefreshState):
     def _region(r) -> torch.Tensor:
         """The decoding region's masks (absolute positions): the sliding window's region, or with
         window='block' every mask of the response."""
-        if isinstance(r.state, SlidingWindowState):
-            return r.state.region(r.tokens, r.mask_id)
+        region = getattr(r.state, "region", None)  # the sliding window's decoding state has one
+        if region is not None:
+            return region(r.tokens, r.mask_id)
         return (r.tokens[r.prompt_len :] == r.mask_id).nonzero().squeeze(-1) + r.prompt_len
 
     # ---- layer hooks -----------------------------------------------------------------------------
@@ -272,11 +226,13 @@ class ElasticCache(RefreshStrategy):
                 "remasking='origin' has no confidence: use maskgit_plus, topk_margin or entropy"
             )
 
+    def decoding_region(self, request) -> dict | None:
+        """Elastic decodes a sliding window of the leftmost masks (sampling/sliding_window.py) unless
+        ``window='block'``, which keeps LLaDA's block schedule."""
+        if self.window == "block":
+            return None
+        stops = request.eos_token_ids if self.stop_tokens == "eos" else request.stop_token_ids
+        return {"region": "sliding_window", "window": self.window, "early_stop": self.early_stop, "stop_ids": stops}
+
     def new_state(self, request) -> RefreshState:
-        if self.window != "block":
-            p = request.params
-            stops = request.eos_token_ids if self.stop_tokens == "eos" else request.stop_token_ids
-            request.state = SlidingWindowState(
-                p, request.prompt_len, request.logits_shift, self.window, self.early_stop, stops
-            )
         return ElasticState(request, self, num_layers=request.num_layers)
