@@ -290,6 +290,9 @@ def speed_row(r, results: list, weights: int) -> dict:
         prefill_s=run.prefill, step_ms=run.mean_step * 1e3, e2e_s=r.e2e, extrapolated=r.extrapolated,
         tokens_per_s=r.tokens_per_second, peak_memory_bytes=run.mem_peak, idle_memory_bytes=run.mem_idle,
         peak_above_weights_bytes=run.mem_peak - weights, kv_peak_bytes=run.kv_peak, kv_held_bytes=run.kv_held,
+        # what neither the weights nor the pages explain: activations and refresh caches, the reserve that
+        # gpu_memory_utilization sizing must leave free (the pool itself is sized to the request here)
+        other_peak_bytes=run.mem_peak - weights - run.kv_peak,
     )  # fmt: skip
     if r.floor is not None:
         row.update(
@@ -337,16 +340,20 @@ def throughput(rec: Recorder, dry: bool, deadline: float) -> None:
                 if left < 3:
                     rec.figures.setdefault("skipped", []).append(f"{spec.label} {mode}: out of time")
                     continue
+                common.release_memory(device)  # the pool is sized from free memory: hand back the cached blocks
                 engine = common.make_engine(path, spec, device, dtype, backend, **options, **mode_options)
                 common.warm_up(engine, cfg)
                 stop = {"seconds": min(size["alone_seconds"], left / 2)} if mode == "one-at-a-time" else None
                 res = tp.run_mode(engine, prompts, params, stop)
                 res.spec, res.mode = spec, mode
-                if len(res.latencies) < size["requests"]:  # stopped for time: project from the requests served
-                    tp.project_none(res, size["requests"], size["gen"], size["prompt"])
                 pool = engine.block_manager.num_pages if engine.block_manager is not None else 0
                 del engine
                 common.release_memory(device)
+                if not res.latencies:
+                    rec.figures.setdefault("skipped", []).append(f"{spec.label} {mode}: no request finished in time")
+                    continue
+                if len(res.latencies) < size["requests"]:  # stopped for time: project from the requests served
+                    tp.project_none(res, size["requests"], size["gen"], size["prompt"])
                 results.append(res)
                 rec.figures.setdefault("rows", []).append(
                     {

@@ -57,33 +57,37 @@ class Part:
 
 PARTS = [
     Part(
-        "cuda_tests", "CUDA test subset (`pytest -m cuda`)", 75, 35,
-        "about 12 triton compilations (3 dtypes x 2 GQA groups x cached / uncached, the two tile configs) at 1-2 s "
-        "each; the float64 references on the host take ~1 s per case at 5 sequences x 32 heads x 4k keys; the "
-        "engine tests run a 3-layer model (~10 s with CUDA start-up). CPU dry run of the same file: ~15 s.",
+        "cuda_tests", "CUDA test subset (`pytest -m cuda`)", 70, 35,
+        "~8 triton compilations (3 dtypes x GQA 4 / 1, the engine's fp32 model) at ~1.5 s each; the float64 "
+        "references on the host are ~160 small matmuls per case (0.1 s); the engine tests run ~100 steps of a "
+        "3-layer model; CUDA start-up and imports ~8 s. The same file at toy sizes on the CPU: ~10 s of CPU.",
     ),
     Part(
-        "attention", "Paged attention microbenchmark", 55, 25,
-        "27 rows (3 shape/batch x 3 lengths x 3 variants) timed with do_bench at 100 ms each, plus writing up to "
-        "32k x 32 heads of pages per row (~0.2 s) and the triton compilation (~2 s): 15-25 s.",
+        "attention", "Paged attention microbenchmark", 50, 20,
+        "45 rows (3 shape / batch x 3 lengths x 5 variants) timed by do_bench at ~0.15 s each (7 s), 2 triton "
+        "compilations (3 s), a 1 GiB copy, pages written through the block manager (up to 16 x 32k x 8 heads per "
+        "row, under a second), CUDA start-up.",
     ),
     Part(
-        "speed", "Speed and memory at the llada-8b shape", 215, 150,
-        "random 8B weights drawn on the GPU (~2 s), roofline peaks (~2 s), calibration (2 x 512 tokens). A full "
-        "pass costs ~2 x 8e9 x n FLOP plus attention 4 n^2 x 128 x 32 heads x 32 layers: at 32k ~7e14 FLOP, "
-        "~1.2 s at ~600 TFLOP/s achieved (990 peak). none runs 3 passes (extrapolated), full / dllm-cache / "
-        "maskkv one pass + 31 cached steps of ~6-10 ms (16 GB of weights at 3.35 TB/s is 5 ms; full also reads "
-        "17 GB of KV at 32k). gen 32 over 4k/16k/32k: ~40 s; gen 128 adds ~60 s, skipped if time is short.",
+        "speed", "Speed and memory at the llada-8b shape", 210, 145,
+        "8B random weights drawn on the GPU (~2 s), peaks (~2 s), calibration (2 x 512 tokens). A full pass over n "
+        "tokens is 2 x 8e9 x n FLOP of matmuls plus 4 n^2 x 128 x 32 heads x 32 layers of attention: 1.1e15 FLOP at "
+        "32k, ~3 s at ~400 TFLOP/s achieved (990 peak; the triton kernel is the slower half), 0.1 s at 4k. none "
+        "runs 32 passes at 4k and 3 (then extrapolated) at 16k / 32k; full / dllm-cache / maskkv one pass plus "
+        "cached steps that read 16 GB of weights (5 ms at 3.35 TB/s; full also reads 17 GB of KV at 32k) but cost "
+        "~15-30 ms in launches. gen 32: ~60 s; gen 128: ~65 s more, skipped by the planner if time is short.",
     ),
     Part(
-        "throughput", "Throughput, batched vs one at a time", 85, 60,
-        "64 x 2k prefill = 133k tokens at ~16 GFLOP/token: ~3.5 s of matmuls per policy batched, 31 batched "
-        "steps of 2048 rows (~60 ms each); one at a time 64 x (~70 ms prefill + 31 x ~7 ms) ~ 18 s per policy, "
-        "so it is run for 15 s and projected from the requests served (marked).",
+        "throughput", "Throughput, batched vs one at a time", 100, 75,
+        "batched: 64 x 2k prefill = 133k tokens at ~16 GFLOP each (~4 s of matmuls) plus MaskKV's per-head "
+        "selection loop (64 requests x 32 layers x 32 heads, each a host sync: ~10 s), 31 steps of 2048 rows "
+        "(~0.1 s each with per-request host work); full: the pool holds ~40 requests at once, two waves. One at a "
+        "time is run for 15 s per policy and projected from the requests served (marked). Weights, calibration, "
+        "warm-ups ~10 s.",
     ),
     Part(
-        "syncs", "Host syncs per step", 20, 8,
-        "a tiny model (2 layers) on the GPU under sync-debug mode: CUDA start-up and compilation dominate.",
+        "syncs", "Host syncs per step", 20, 10,
+        "a 2-layer model under sync-debug mode, ~130 steps at a few ms; CUDA start-up and one compilation dominate.",
     ),
 ]  # fmt: skip
 DRY_LIMIT_S = 60  # per part, CPU dry run
@@ -189,11 +193,11 @@ def headline(parts: dict, g: dict) -> str:
     att = [r for r in parts.get("attention", {}).get("figures", {}).get("rows", []) if r["backend"] == "triton"]
     if att:
         longest = max(r["prompt"] for r in att)
-        best = max(
-            (r for r in att if r["prompt"] == longest and r["variant"].startswith("pages-")), key=lambda r: r["of_copy"]
-        )
+        at = [r for r in att if r["prompt"] == longest and r["variant"].startswith("pages-")]
+        best = max(at, key=lambda r: r["of_copy"])
         bits.append(
-            f"triton at {longest}: {best['bandwidth_Bps'] / 1e9:.0f} GB/s = {100 * best['of_copy']:.0f}% of copy"
+            f"triton pages at {longest}: up to {best['bandwidth_Bps'] / 1e9:.0f} GB/s = {100 * best['of_copy']:.0f}% "
+            f"of copy ({best['variant']}, {best['shape']})"
         )
     if g.get("prompt"):
         fmt = lambda k, f: "n/a" if g.get(k) is None else f.format(g[k])  # noqa: E731
