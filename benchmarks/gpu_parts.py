@@ -190,29 +190,32 @@ def attention(rec: Recorder, dry: bool, deadline: float) -> None:
 
 
 # ---- part 3: speed and memory at the llada-8b shape --------------------------------------------------
+def random_state_on_device(expected: dict, seed: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """``models.loader._random_state`` with the draws on ``device`` itself (same names, shapes, dtypes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in expected.items():
+        if name.endswith("norm.weight") or name.endswith("ln_f.weight") or ".norm." in name:
+            state[name] = torch.ones(p.shape, dtype=dtype, device=device)
+        elif name.endswith(".bias"):
+            state[name] = torch.zeros(p.shape, dtype=dtype, device=device)
+        else:
+            state[name] = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+    return state
+
+
 @contextlib.contextmanager
-def weights_on_device(device: torch.device) -> Iterator[None]:
+def weights_on_device(device: torch.device, always: bool = False) -> Iterator[None]:
     """Random weights drawn on the GPU itself: the loader draws them on the CPU (a minute for 8B parameters),
-    which would eat the suite's budget. Values differ, shapes and dtypes do not: speed does not care."""
-    if device.type != "cuda":
+    which would eat the suite's budget. Values differ, shapes and dtypes do not: speed does not care.
+    Only on CUDA unless ``always`` (tests)."""
+    if device.type != "cuda" and not always:
         yield
         return
     from maskkv_engine.models import loader
 
-    def random_state(expected, seed, dtype, dev):
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        state = {}
-        for name, p in expected.items():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight") or ".norm." in name:
-                state[name] = torch.ones(p.shape, dtype=dtype, device=dev)
-            elif name.endswith(".bias"):
-                state[name] = torch.zeros(p.shape, dtype=dtype, device=dev)
-            else:
-                state[name] = torch.empty(p.shape, dtype=dtype, device=dev).normal_(0.0, 0.02, generator=gen)
-        return state
-
     original = loader._random_state
-    loader._random_state = random_state
+    loader._random_state = random_state_on_device
     try:
         yield
     finally:

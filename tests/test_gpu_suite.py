@@ -77,3 +77,23 @@ def test_sync_counter_charges_each_call_to_its_line_in_the_package():
     sites = {site: n for site, n in counter.counts.items() if "denoise_state.py" in site}
     assert list(sites.values()) == [2] and next(iter(sites)).endswith(" nonzero")
     assert sum(counter.counts.values()) == 2
+
+
+def test_weights_drawn_on_the_device_fill_every_parameter(llada_gqa_dir):
+    """The suite's loader swap (GPU-only in a run) builds the same model: every weight, right shapes."""
+    from benchmarks.gpu_parts import weights_on_device
+    from maskkv_engine.models import loader
+
+    original = loader._random_state
+    with weights_on_device(torch.device("cpu"), always=True):
+        model, cfg = loader.load_model(llada_gqa_dir, dtype="float32", load_format="dummy")
+    reference, _ = loader.load_model(llada_gqa_dir, dtype="float32", load_format="dummy")
+    assert loader._random_state is original
+    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, p in ours.items():
+        assert p.shape == theirs[name].shape and p.dtype == theirs[name].dtype, name
+        if theirs[name].std() == 0:  # norms (ones) and biases (zeros), as the loader's
+            assert torch.equal(p, theirs[name]), name
+        else:
+            assert 0.01 < p.std() < 0.03, name
