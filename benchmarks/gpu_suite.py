@@ -281,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only or []) - {x.name for x in PARTS})
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown} (allowed: {[x.name for x in PARTS]})")
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():  # the GPU sizes (an 8B model, 32k prompts) would run for hours on a CPU
+            raise SystemExit("gpu_suite: no CUDA device here; --dry-run runs every part at toy sizes on the CPU")
     (args.out / "parts").mkdir(parents=True, exist_ok=True)
     start = time.time()
     parts = run_parts(args.out, args.dry_run, only, args.part_limit)

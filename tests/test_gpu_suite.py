@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.gpu_syncs import SyncCounter
@@ -97,3 +98,15 @@ def test_weights_drawn_on_the_device_fill_every_parameter(llada_gqa_dir):
             assert torch.equal(p, theirs[name]), name
         else:
             assert 0.01 < p.std() < 0.03, name
+
+
+def test_without_cuda_the_real_run_refuses_and_names_the_dry_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the real run would start")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode != 0 and "--dry-run" in run.stderr
+    assert not (tmp_path / "gpu_suite.json").exists()
