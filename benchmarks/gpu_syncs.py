@@ -62,15 +62,18 @@ class SyncCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for name, own in self._saved.items():  # put back exactly what torch.Tensor itself defined
+            if own is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, own)
         self._saved.clear()
         self._stack.close()
 
     def _wrap_methods(self) -> None:
         for name in (*METHODS, "to"):
             original = getattr(torch.Tensor, name)
-            self._saved[name] = original
+            self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from torch._C.TensorBase
             setattr(torch.Tensor, name, self._counting(name, original))
 
     def _counting(self, name: str, original):
