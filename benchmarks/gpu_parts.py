@@ -66,7 +66,7 @@ SIZES = {
         },
         "speed": {
             "shape": "tiny",
-            "lengths": "128,192",
+            "lengths": "128",
             "gen_lengths": "8,16",
             "policies": "none,full,dllm-cache,maskkv-256",
             "true_e2e_limit": 0.5,
