@@ -199,6 +199,17 @@ def headline(parts: dict, g: dict) -> str:
             f"triton pages at {longest}: up to {best['bandwidth_Bps'] / 1e9:.0f} GB/s = {100 * best['of_copy']:.0f}% "
             f"of copy ({best['variant']}, {best['shape']})"
         )
+        rows = parts["attention"]["figures"]["rows"]
+        first = rows[0]["shape"]  # the first shape / batch measured (batch 1)
+        one = [r for r in rows if r["shape"] == first and r["prompt"] == longest]
+        pruned = [r for r in one if r["variant"].startswith("pages-") and r["backend"] == "triton"]
+        dense = [r for r in one if r["variant"].startswith("dense-")]
+        if pruned and dense:
+            small = min(pruned, key=lambda r: r["kv_bytes"])
+            bits.append(
+                f"{small['variant']} step attention {dense[0]['seconds'] / small['seconds']:.1f}x faster than dense "
+                f"SDPA at {longest} ({first})"
+            )
     if g.get("prompt"):
         fmt = lambda k, f: "n/a" if g.get(k) is None else f.format(g[k])  # noqa: E731
         mark = lambda k: {True: "met", False: "NOT met", None: "n/a"}[g.get(f"{k}_met")]  # noqa: E731
