@@ -258,6 +258,7 @@ def speed(rec: Recorder, dry: bool, deadline: float) -> None:
     def on_result(r) -> None:
         results.append(r)
         rec.figures.setdefault("results", []).append(speed_row(r, results, weights()))
+        rec.markdown = ["Measured so far (the full tables follow when the part completes):", "", *progress_table(rec)]
         rec.save()
 
     rec.figures = {"shape": size["shape"], "dtype": args.dtype, "backend": args.attention_backend, "budget_s": budget}
@@ -281,6 +282,26 @@ def speed(rec: Recorder, dry: bool, deadline: float) -> None:
         rec.markdown += ["", *speed_report.roofline_table(results_all, gen)]
     rec.markdown += ["", *speed_report.headline(results_all)]
     rec.save()
+
+
+def progress_table(rec: Recorder) -> list[str]:
+    """The saved rows as a table: what a part stopped at its limit still shows."""
+    lines = [
+        "| prompt | gen | policy | prefill s | step ms | end-to-end s | x none | step / floor | peak above weights GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rec.figures.get("results", []):
+        if r.get("skipped"):
+            lines.append(f"| {r['prompt']} | {r['gen']} | {r['policy']} | {r['skipped']} | | | | | |")
+            continue
+        x_none = f"{r['e2e_speedup_vs_none']:.1f}x" if "e2e_speedup_vs_none" in r else "—"
+        floor = f"{r['step_over_floor']:.1f}x" if "step_over_floor" in r else "—"
+        lines.append(
+            f"| {r['prompt']} | {r['gen']} | {r['policy']} | {r['prefill_s']:.2f} | {r['step_ms']:.1f} | "
+            f"{r['e2e_s']:.1f}{'*' if r['extrapolated'] else ''} | {x_none} | {floor} | "
+            f"{r['peak_above_weights_bytes'] / 2**30:.2f} |"
+        )
+    return lines
 
 
 def speed_row(r, results: list, weights: int) -> dict:
