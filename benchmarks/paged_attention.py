@@ -55,11 +55,16 @@ SHAPES = {
 @dataclass
 class Row:
     shape: str
-    variant: str
+    variant: str  # pages-256 (pruned), pages-<prompt> (everything in pages), dense-<prompt> (SDPA)
     backend: str
     seconds: float
     kv_bytes: int  # cache held for one layer
     read_bytes: int  # unique K/V bytes one call reads (cache + response)
+    prompt: int = 8192  # prompt tokens of the full / dense variants
+
+
+def tokens_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def per_head_budgets(batch: int, n_kv: int, mean: int, seed: int = 0) -> torch.Tensor:
@@ -117,41 +122,42 @@ def timed(fn: Callable[[], object], device: torch.device, min_seconds: float) ->
     return statistics.median(times)
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a 1 GiB (default) device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / timed(lambda: dst.copy_(src), device, 1.0)
 
 
 def run_shape(shape: Shape, args, backends: dict[str, AttentionBackend], device, dtype) -> list[Row]:
     rows = []
+    full = tokens_label(args.prompt)
     budgets = {
-        "pages-256": per_head_budgets(args.batch, shape.n_kv, args.budget),
-        "pages-8k": torch.full((args.batch, shape.n_kv), args.prompt, dtype=torch.long),
+        f"pages-{args.budget}": per_head_budgets(args.batch, shape.n_kv, args.budget),
+        f"pages-{full}": torch.full((args.batch, shape.n_kv), args.prompt, dtype=torch.long),
     }
     for variant, kept in budgets.items():
         inputs, held, read = paged_step(shape, args.batch, args.gen, kept, dtype, device)
         for name, backend in backends.items():
             seconds = timed(lambda b=backend, x=inputs: b.forward(0, *x), device, args.min_seconds)
-            rows.append(Row(shape.name, variant, name, seconds, held, read))
+            rows.append(Row(shape.name, variant, name, seconds, held, read, args.prompt))
         del inputs
     (q, k, v), held, read = dense_step(shape, args.batch, args.gen, args.prompt, dtype, device)
     seconds = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, args.min_seconds)
-    rows.append(Row(shape.name, "dense-8k", "sdpa", seconds, held, read))
+    rows.append(Row(shape.name, f"dense-{full}", "sdpa", seconds, held, read, args.prompt))
     return rows
 
 
 def table(rows: list[Row], copy_bw: float | None) -> list[str]:
-    dense = {r.shape: r.seconds for r in rows if r.variant == "dense-8k"}
-    head = "| shape | KV | backend | time (ms) | KV held / layer (MiB) | dense-8k time / this |"
+    dense = {(r.shape, r.prompt): r.seconds for r in rows if r.variant.startswith("dense-")}
+    head = "| shape | KV | backend | time (ms) | KV held / layer (MiB) | dense time / this |"
     if copy_bw:
         head += " K/V read (GB/s) | % of copy BW |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         line = (
             f"| {r.shape} | {r.variant} | {r.backend} | {r.seconds * 1e3:.3f} | {r.kv_bytes / 2**20:.2f} "
-            f"| {dense[r.shape] / r.seconds:.1f}x |"
+            f"| {dense[r.shape, r.prompt] / r.seconds:.1f}x |"
         )
         if copy_bw:
             bw = r.read_bytes / r.seconds

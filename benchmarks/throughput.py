@@ -61,7 +61,8 @@ class ModeResult:
 
 
 def run_mode(engine, prompts: list[list[int]], params: SamplingParams, stop_after: dict | None) -> ModeResult:
-    """Submit everything at once and step. ``stop_after``: {'requests': k} or {'steps': k} (projection runs)."""
+    """Submit everything at once and step. ``stop_after``: {'requests': k}, {'steps': k} or {'seconds': s}
+    (projection runs; 'seconds' stops at the first step that ends past s seconds)."""
     bm = engine.block_manager
     common.release_memory(engine.device)
     if bm is not None:
@@ -87,7 +88,9 @@ def run_mode(engine, prompts: list[list[int]], params: SamplingParams, stop_afte
         if bm is not None:
             res.peak_pages = max(res.peak_pages, bm.num_used_pages)
         if stop_after and (
-            len(finished) >= stop_after.get("requests", 1 << 30) or len(step_times) >= stop_after.get("steps", 1 << 30)
+            len(finished) >= stop_after.get("requests", 1 << 30)
+            or len(step_times) >= stop_after.get("steps", 1 << 30)
+            or time.perf_counter() - start >= stop_after.get("seconds", float("inf"))
         ):
             for rid in ids:
                 engine.abort_request(rid)

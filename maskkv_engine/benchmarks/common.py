@@ -189,7 +189,7 @@ def release_memory(device: torch.device) -> None:
 class PeakMemory:
     """Peak process memory of one measurement.
 
-    CPU: resident set size (psutil), and its high-water mark (Linux VmHWM, reset through
+    CPU: resident set size (``rss()``), and its high-water mark (Linux VmHWM, reset through
     /proc/self/clear_refs so every configuration gets its own peak). GPU: torch.cuda.max_memory_allocated.
     """
 
@@ -203,23 +203,28 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.idle = torch.cuda.memory_allocated(self.device)
             return
-        import psutil
-
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-        self.idle = psutil.Process().memory_info().rss
+        self.idle = rss()
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             sync(self.device)
             return torch.cuda.max_memory_allocated(self.device)
-        import psutil
-
-        rss = psutil.Process().memory_info().rss
+        now = rss()
         with contextlib.suppress(OSError, AttributeError):
             found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-            return max(rss, int(found.group(1)) * 1024)
-        return rss
+            return max(now, int(found.group(1)) * 1024)
+        return now
+
+
+def rss() -> int:
+    """Resident set size in bytes: psutil where installed (GPU machines may lack it), else /proc/self/statm."""
+    try:
+        import psutil
+    except ImportError:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
 
 
 # ---- one request, step by step -----------------------------------------------------------------------

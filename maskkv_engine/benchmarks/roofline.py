@@ -43,18 +43,21 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
     return min(times) if device.type == "cpu" else statistics.median(times)
 
 
-def measure_peak(device: torch.device, dtype: torch.dtype) -> DevicePeak:
-    """Best of a few 2048^3 (CPU) / 8192^3 (GPU) matmuls, and a 256 MiB (CPU) / 2 GiB (GPU) copy.
+def measure_peak(
+    device: torch.device, dtype: torch.dtype, matmul_size: int | None = None, copy_bytes: int | None = None
+) -> DevicePeak:
+    """Best of a few 2048^3 (CPU) / 8192^3 (GPU) matmuls, and a 256 MiB (CPU) / 2 GiB (GPU) copy (the defaults;
+    ``matmul_size`` / ``copy_bytes`` override them, e.g. for a quick toy run).
 
     On a shared CPU the best time is the least contended one: the floor it gives is optimistic, so the
     distance to it is an upper bound on what better kernels could win.
     """
-    n = 8192 if device.type == "cuda" else 2048
+    n = matmul_size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = _best_time(lambda: torch.matmul(a, b), device, 10 if device.type == "cuda" else 3)
     flops = 2 * n**3 / seconds
-    size = (2 << 30) if device.type == "cuda" else (256 << 20)
+    size = copy_bytes or ((2 << 30) if device.type == "cuda" else (256 << 20))
     src = torch.ones(size, dtype=torch.uint8, device=device)
     dst = torch.zeros_like(src)
     seconds = _best_time(lambda: dst.copy_(src), device, 10 if device.type == "cuda" else 5)

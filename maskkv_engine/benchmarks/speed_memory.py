@@ -183,7 +183,8 @@ def floor_of(cfg, spec: PolicySpec, n: int, gen: int, run: RequestRun, peak: Dev
     return step_floor(cfg, peak, elem, gen, kept_per_head + gen, run.kv_held, logit_rows)
 
 
-def run_all(args) -> tuple[list[Result], DevicePeak, str, object]:
+def run_all(args, on_result=None) -> tuple[list[Result], DevicePeak, str, object]:
+    """Every (gen, length, policy) in order; ``on_result(result)`` after each (the GPU suite saves as it goes)."""
     device = torch.device(args.device)
     shape = common.SHAPES[args.shape]
     specs = [s for s in POLICIES if s.label in args.policies]
@@ -213,6 +214,8 @@ def run_all(args) -> tuple[list[Result], DevicePeak, str, object]:
                     planner.record(r)
                     results.append(r)
                     print(progress_line(r), flush=True)
+                    if on_result is not None:
+                        on_result(r)
     return results, peak, shape.describe(), cfg
 
 
