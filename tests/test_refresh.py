@@ -177,6 +177,9 @@ def test_drift_test_picks_the_first_drifting_layer():
         logits_shift, request_id, mask_id = False, "r", 99
         tokens = torch.tensor([5, 6, 7, 99, 99, 99])
 
+        def prompt_kv(self, layer):  # no prompt cached: only the active rows are keys
+            return None
+
     state = ElasticState(Req(), ElasticCache(gamma=0.9), num_layers=5)
     state.plan = StepPlan(0, 6, use_pages=False)
     state.query_rows = torch.tensor([0, 3])

@@ -19,6 +19,7 @@ from maskkv_engine.kv.planner import KVPlanner
 from maskkv_engine.models.config import DiffusionLMConfig
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.registry import get_refresh
+from maskkv_engine.refresh.view import PromptKVReader, RequestView
 from maskkv_engine.request import Request
 from maskkv_engine.sampling.registry import get_rule
 from maskkv_engine.sampling.sliding_window import denoise_state_for
@@ -41,7 +42,9 @@ class InputProcessor:
         stop_token_ids: tuple[int, ...],
         num_pages: int | None,
         device: torch.device,
+        read_prompt_kv: PromptKVReader | None = None,
     ):
+        """``read_prompt_kv``: a read-only reader of a request's kept prompt KV, for refresh strategies."""
         self.config = config
         self.model_config = model_config
         self.max_model_len = max_model_len
@@ -51,6 +54,7 @@ class InputProcessor:
         self.stop_token_ids = stop_token_ids
         self.num_pages = num_pages
         self.device = device
+        self.read_prompt_kv = read_prompt_kv
         self.refresh = get_refresh(config.refresh, config.refresh_config)
         self._check_refresh(self.refresh, cfg_scale=0.0)
         self._refresh_by_config: OrderedDict[tuple, RefreshStrategy] = OrderedDict()
@@ -82,9 +86,10 @@ class InputProcessor:
             num_layers=cfg.num_layers,
         )
         req.eos_token_ids = tuple(i for i in cfg.eos_token_ids if i in self.stop_token_ids)
-        refresh.check(req)
-        req.state = denoise_state_for(params, req.prompt_len, cfg.logits_shift, refresh.decoding_region(req))
-        req.refresh_state = refresh.new_state(req)
+        view = RequestView(req, self.read_prompt_kv)
+        refresh.check(view)
+        req.state = denoise_state_for(params, req.prompt_len, cfg.logits_shift, refresh.decoding_region(view))
+        req.refresh_state = refresh.new_state(view)
         req.policy_ctx = self.planner.context(req.n_cached, req.prompt_len, req.num_tokens, budget)
         req.kv_plan = self.planner.plan(req.policy_ctx)
         req.collect_stats = self.planner.online

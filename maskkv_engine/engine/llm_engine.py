@@ -68,6 +68,7 @@ class LLMEngine:
             self.stop_token_ids,
             None if self.block_manager is None else self.block_manager.num_pages,
             self.device,
+            read_prompt_kv=self._read_prompt_kv,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.model_config.mask_token_id)
         self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
@@ -88,6 +89,13 @@ class LLMEngine:
         self._counter = itertools.count()
 
     # ---- construction helpers --------------------------------------------------------------------
+    def _read_prompt_kv(self, request_id: str, layer: int):
+        """A request's kept prompt KV of one layer, read only (what refresh strategies may see of the pool)."""
+        bm = self.block_manager
+        if bm is None or not bm.has_request(request_id):
+            return None
+        return bm.kept(request_id, layer)
+
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position
         if self.config.max_model_len is None:

@@ -83,7 +83,7 @@ class NativeModelRunner:
         assert progress.next_layer == start, "layer chunks run in order"
         # the refresh state sees every layer of the first pass (it caches per-layer state there), split or not
         sequence = PlannedSequence(req.request_id, 0, n, req.refresh_state)
-        hooks = StepContext([sequence], meta, progress.capture, self.block_manager)
+        hooks = StepContext([sequence], meta, progress.capture)
         with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
             progress.hidden = self.model.run_layers(progress.hidden, positions, start, end)
         progress.next_layer = end
@@ -133,7 +133,7 @@ class NativeModelRunner:
 
         meta = self._metadata(scheduled, seq_lens, uses_pages)
         capture = PrefillCapture(self.policy, self.block_manager, targets) if targets else None
-        hooks = StepContext(sequences, meta, capture, self.block_manager)
+        hooks = StepContext(sequences, meta, capture)
         input_ids = torch.cat(ids).to(self.device)
         positions = torch.cat(pos).to(self.device)
         with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):

@@ -14,7 +14,6 @@ import torch
 
 from maskkv_engine.attention.hooks import StepHooks
 from maskkv_engine.attention.metadata import AttentionMetadata, RowLayout
-from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.kv.prefill_capture import PrefillCapture
 from maskkv_engine.refresh.base import RefreshState
 
@@ -35,15 +34,11 @@ class StepContext(StepHooks):
         sequences: list[PlannedSequence],
         base_meta: AttentionMetadata,
         capture: PrefillCapture | None,
-        block_manager: BlockManager | None,
     ):
         self.sequences = sequences
         self.base_meta = base_meta
         self.capture = capture
-        self.block_manager = block_manager
         self.custom = [s for s in sequences if s.state is not None and s.state.custom_layers]
-        for seq in self.custom:
-            seq.state.block_manager = block_manager  # refresh states may read the prompt pages
         self._rows: dict[int, torch.Tensor | None] = {}
         self._local_rows: dict[int, list[torch.Tensor | None]] = {}
         self._computed_offset: dict[int, dict[int, int]] = {}  # layer -> packed offset -> offset in computed rows

@@ -11,12 +11,12 @@ from its caches. All hook indices are *local*: 0 is the plan's first position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
-    from maskkv_engine.request import Request
+    from maskkv_engine.refresh.view import RequestView
 
 
 @dataclass
@@ -45,19 +45,33 @@ class RefreshState:
     """Per-request state of a refresh strategy. The base class is a plain step: every planned row is
     recomputed from fresh K/V, nothing is cached beyond the prompt pages."""
 
-    def __init__(self, request: Request):
-        self.request = request
+    def __init__(self, request: RequestView):
+        self.request = request  # read only: the strategy decides rows, it never changes the request
         self.plan: StepPlan | None = None
         self.layers_recomputed = 0  # (step, layer) pairs where every planned row was recomputed
         self.layers_total = 0
 
     # ---- before / after a step ---------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
+        """Decided here once for every strategy: without a cache every pass is full (the reference decoder);
+        before the prompt KV exists the pass is the capturing first pass; after it, the strategy's own plan.
+        ``before_plan`` runs first at every step, for the strategy's bookkeeping."""
         r = self.request
-        if not r.uses_cache:  # kv_policy='none': the reference decoder recomputes everything
-            return StepPlan(0, r.num_tokens, full_pass=True)
-        if not r.kv_ready:
-            return StepPlan(0, r.num_tokens, full_pass=True, capture=True)
+        self.before_plan()
+        if not r.uses_cache:
+            self.plan = StepPlan(0, r.num_tokens, full_pass=True)
+        elif not r.kv_ready:
+            self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=True)
+        else:
+            self.plan = self.plan_cached_step()
+        return self.plan
+
+    def before_plan(self) -> None:
+        """Per-step bookkeeping that every pass needs, the first one included."""
+
+    def plan_cached_step(self) -> StepPlan:
+        """A step once the prompt KV is in pages: by default the response, reading the pages."""
+        r = self.request
         return StepPlan(r.n_cached, r.num_tokens, use_pages=True)
 
     def after_step(self, num_layers: int, committed: torch.Tensor) -> None:
@@ -82,9 +96,6 @@ class RefreshState:
         ones) and optional extra cached keys (k, v of positions not in the plan)."""
         return k, v, None, None
 
-    def observe(self, layer: int, probs: Any) -> None:
-        """Attention probabilities of chosen rows over all of the step's keys (Elastic's drift test)."""
-
     def merge(self, layer: int, x: torch.Tensor, rows: torch.Tensor | None, x1: torch.Tensor, attn_out, mlp_out):
         """Output of every planned row (see StepHooks.merge); None: plain ``x1 + mlp_out``."""
         return None
@@ -96,13 +107,13 @@ class RefreshStrategy:
     name: ClassVar[str] = "base"
     needs_cache: ClassVar[bool] = True  # meaningless with kv_policy='none' (it keeps no KV to reuse)
 
-    def new_state(self, request: Request) -> RefreshState:
+    def new_state(self, request: RequestView) -> RefreshState:
         return RefreshState(request)
 
-    def decoding_region(self, request: Request) -> dict | None:
+    def decoding_region(self, request: RequestView) -> dict | None:
         """A decoding region other than the rule's block schedule, by name and options (Elastic's sliding
         window: ``{"region": "sliding_window", ...}``); None keeps the schedule. The engine builds it."""
         return None
 
-    def check(self, request: Request) -> None:
+    def check(self, request: RequestView) -> None:
         """Refuse a combination that makes no sense, with a clear error, before the request starts."""

@@ -41,18 +41,14 @@ class DLLMCacheState(RefreshState):
         self._rows: dict[int, torch.Tensor | None] = {}
         self._selected: dict[int, torch.Tensor] = {}
 
-    def plan_step(self) -> StepPlan:
+    def before_plan(self) -> None:
+        self.refresh_response = self.forwards % self.cfg.K_r == 0  # forwards = (s - 1) of the coming forward
+
+    def plan_cached_step(self) -> StepPlan:
         r = self.request
-        s = self.forwards  # (s - 1) of the coming forward
-        refresh_prompt = s % self.cfg.K_p == 0
-        self.refresh_response = s % self.cfg.K_r == 0
-        if not r.kv_ready:
-            self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=True)
-        elif refresh_prompt:
-            self.plan = StepPlan(0, r.num_tokens, full_pass=True, rewrite=True)
-        else:
-            self.plan = StepPlan(r.n_cached, r.num_tokens, use_pages=True)
-        return self.plan
+        if self.forwards % self.cfg.K_p == 0:  # a prompt refresh: rewrite the kept tokens' K/V
+            return StepPlan(0, r.num_tokens, full_pass=True, rewrite=True)
+        return StepPlan(r.n_cached, r.num_tokens, use_pages=True)
 
     @property
     def _resp0(self) -> int:

@@ -40,7 +40,6 @@ class ElasticState(RefreshState):
         super().__init__(request)
         self.cfg = cfg
         self.num_layers = num_layers
-        self.block_manager = None  # set by the step context: the prompt pages for the drift test
         self.x: dict[int, torch.Tensor] = {}  # layer -> [A, d] layer input of the active rows
         self.q: dict[int, torch.Tensor] = {}  # layer -> [A, H_q, D]
         self.k: dict[int, torch.Tensor] = {}  # layer -> [A, H_kv, D]
@@ -55,20 +54,20 @@ class ElasticState(RefreshState):
         self.tracked = torch.zeros(0, dtype=torch.long)
 
     # ---- planning --------------------------------------------------------------------------------
-    def plan_step(self) -> StepPlan:
+    def before_plan(self) -> None:
         r = self.request
         a0 = r.n_cached
         shift = 1 if r.logits_shift else 0
-        window = r.state.candidates(r.tokens, r.mask_id) - shift - a0  # rows whose hidden state predicts the window
+        window = r.candidates() - shift - a0  # rows whose hidden state predicts the window
         self.window_rows = window
-        self.region_positions = self._region(r)
+        self.region_positions = r.region()
         # official `query_masked_position`: the mask rows queried (and whose attention picks tracked tokens)
         self.mask_rows = window if self.cfg.block_caching else self.region_positions - shift - a0
-        if not r.kv_ready:
-            self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=True)
-            return self.plan
-        self.plan = StepPlan(a0, r.num_tokens, use_pages=True)
-        rows = [window, self.new_rows, self.mask_rows]
+
+    def plan_cached_step(self) -> StepPlan:
+        r = self.request
+        plan = StepPlan(r.n_cached, r.num_tokens, use_pages=True)
+        rows = [self.window_rows, self.new_rows, self.mask_rows]
         if self.track:
             self.tracked = torch.unique(torch.cat(list(self.track.values())))
             rows.append(self.tracked)
@@ -76,16 +75,7 @@ class ElasticState(RefreshState):
             self.tracked = torch.zeros(0, dtype=torch.long)
         self.query_rows = torch.unique(torch.cat(rows))
         self.start = self.num_layers
-        return self.plan
-
-    @staticmethod
-    def _region(r) -> torch.Tensor:
-        """The decoding region's masks (absolute positions): the sliding window's region, or with
-        window='block' every mask of the response."""
-        region = getattr(r.state, "region", None)  # the sliding window's decoding state has one
-        if region is not None:
-            return region(r.tokens, r.mask_id)
-        return (r.tokens[r.prompt_len :] == r.mask_id).nonzero().squeeze(-1) + r.prompt_len
+        return plan
 
     # ---- layer hooks -----------------------------------------------------------------------------
     def _active(self, t: torch.Tensor) -> torch.Tensor:
@@ -142,8 +132,9 @@ class ElasticState(RefreshState):
         a0 = r.n_cached
         active_pos = torch.arange(a0, r.num_tokens, device=k_active.device)
         out = []
-        if r.uses_cache and self.block_manager is not None and self.block_manager.has_request(r.request_id):
-            pk, _, lens, pos = self.block_manager.kept(r.request_id, layer)
+        kept = r.prompt_kv(layer)
+        if kept is not None:
+            pk, _, lens, pos = kept
             for h in range(k_active.shape[1]):
                 n = int(lens[h])
                 keys = torch.cat([pk[h, :n].to(k_active.dtype), k_active[:, h]])

@@ -19,6 +19,11 @@ import torch
 from maskkv_engine.refresh.base import RefreshState, RefreshStrategy, StepPlan
 
 
+def r_logit_row(r, position: int) -> int:
+    """The row whose hidden state predicts ``position`` (Dream's logits are shifted by one)."""
+    return position - 1 if r.logits_shift else position
+
+
 class FastDLLMState(RefreshState):
     def __init__(self, request, dual: bool):
         super().__init__(request)
@@ -32,20 +37,20 @@ class FastDLLMState(RefreshState):
     def _span(self) -> tuple[int, int, int]:
         """(stream start, stream end, block start) for the current block."""
         r = self.request
-        shift = 1 if r.logits_shift else 0
-        block_start, block_end = r.state.block_range
-        return block_start - shift, (block_end if self.dual else r.num_tokens), block_start
+        block_start, block_end = r.block_range
+        return r_logit_row(r, block_start), (block_end if self.dual else r.num_tokens), block_start
 
-    def plan_step(self) -> StepPlan:
-        """Idempotent until the step runs: a block boundary is a full pass, then in-block steps."""
+    def before_plan(self) -> None:
+        self.planned_block = self.request.block
+
+    def plan_cached_step(self) -> StepPlan:
+        """Idempotent until the step runs: a block boundary is a full pass (rewriting the kept prompt KV),
+        then in-block steps."""
         r = self.request
+        if r.block != self.cached_block:
+            return StepPlan(0, r.num_tokens, full_pass=True, rewrite=True)
         start, end, _ = self._span()
-        self.planned_block = r.state.block
-        if not r.kv_ready or r.state.block != self.cached_block:
-            self.plan = StepPlan(0, r.num_tokens, full_pass=True, capture=not r.kv_ready, rewrite=r.kv_ready)
-        else:
-            self.plan = StepPlan(start, end, use_pages=True)
-        return self.plan
+        return StepPlan(start, end, use_pages=True)
 
     def prepare(self, layer, q, k, v):
         if self.plan.full_pass:  # the boundary pass: cache the response outside the block (absolute positions)
