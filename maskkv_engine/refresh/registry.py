@@ -1,7 +1,9 @@
-"""Refresh strategies by name; ``refresh_config`` keys are the strategy's dataclass fields."""
+"""Refresh strategies by name: the built-ins, plus third-party ones from the ``maskkv_engine.refresh_strategies``
+entry points or ``register_refresh``; ``refresh_config`` keys are the strategy's dataclass fields."""
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Any
 
 from maskkv_engine.config import build_component
@@ -10,6 +12,8 @@ from maskkv_engine.refresh.dllm_cache import DLLMCache
 from maskkv_engine.refresh.elastic import ElasticCache
 from maskkv_engine.refresh.every_step import EveryStep
 from maskkv_engine.refresh.fast_dllm import FastDLLM, FastDLLMDual
+
+ENTRY_POINT_GROUP = "maskkv_engine.refresh_strategies"
 
 REFRESH_STRATEGIES: dict[str, type[RefreshStrategy]] = {
     "every_step": EveryStep,
@@ -21,11 +25,22 @@ REFRESH_STRATEGIES: dict[str, type[RefreshStrategy]] = {
 
 
 def register_refresh(name: str, cls: type[RefreshStrategy]) -> None:
-    """Register a refresh strategy class in-process under ``name``."""
+    """Register a refresh strategy class in-process under ``name`` (the entry point group does the same)."""
     REFRESH_STRATEGIES[name] = cls
 
 
+def strategy_class(name: str) -> type[RefreshStrategy]:
+    if name in REFRESH_STRATEGIES:
+        return REFRESH_STRATEGIES[name]
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise ValueError(f"refresh={name!r} is not known (allowed: {sorted(set(REFRESH_STRATEGIES) | set(found))})")
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, RefreshStrategy)):
+        raise ValueError(f"entry point {name!r} in {ENTRY_POINT_GROUP} does not name a RefreshStrategy subclass")
+    REFRESH_STRATEGIES[name] = cls
+    return cls
+
+
 def get_refresh(name: str, config: dict[str, Any] | None = None) -> RefreshStrategy:
-    if name not in REFRESH_STRATEGIES:
-        raise ValueError(f"refresh={name!r} is not known (allowed: {sorted(REFRESH_STRATEGIES)})")
-    return build_component(REFRESH_STRATEGIES[name], config, "refresh", name)
+    return build_component(strategy_class(name), config, "refresh", name)

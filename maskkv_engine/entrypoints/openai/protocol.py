@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from maskkv_engine.refresh.registry import REFRESH_STRATEGIES, get_refresh
+from maskkv_engine.refresh.registry import get_refresh, strategy_class
 from maskkv_engine.sampling_params import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, SamplingParams
 
 # OpenAI's documented default for /v1/completions; chat has no limit in OpenAI, and a diffusion
@@ -76,10 +76,10 @@ def _value_fits(value: Any, kinds: set[str]) -> bool:
 def check_refresh_config(name: str, config: dict[str, Any]) -> None:
     """Type- and range-check a request's ``refresh_config`` for strategy ``name``, as SamplingParams checks
     its fields: a 400 naming ``refresh_config.<key>``, never a strategy error at step time (a 500)."""
-    cls = REFRESH_STRATEGIES.get(name)
-    if cls is None:
-        raise OpenAIError(400, f"refresh={name!r} is not known (allowed: {sorted(REFRESH_STRATEGIES)})",
-                          param="refresh")  # fmt: skip
+    try:
+        cls = strategy_class(name)
+    except ValueError as e:
+        raise OpenAIError(400, str(e), param="refresh") from None
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     for key, value in config.items():
         param = f"refresh_config.{key}"
