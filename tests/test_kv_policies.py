@@ -36,17 +36,19 @@ def random_stats(layers: int, heads: int, seed: int) -> ModelStats:
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     policy=st.sampled_from(PRUNING),
+    allocator=st.sampled_from([None, "uniform", "maskkv", "pyramidkv", "adakv", "squeeze"]),
     layers=st.integers(1, 8),
     heads=st.integers(1, 6),
     n_cached=st.integers(1, 400),
     budget=st.integers(1, 600),
     seed=st.integers(0, 1000),
 )
-def test_budgets_are_conserved_and_bounded(policy, layers, heads, n_cached, budget, seed):
-    pol = get_policy(policy)
+def test_budgets_are_conserved_and_bounded(policy, allocator, layers, heads, n_cached, budget, seed):
+    """Every preset, and every preset's scorer with every allocator (None: the preset's own)."""
+    pol = get_policy(policy, {} if allocator is None else {"allocator": allocator})
     ctx = PolicyContext(layers, heads, n_cached, n_cached + 1, n_cached + 9, budget)
     stats = random_stats(layers, heads, seed)
     plan = pol.plan(ctx, stats)

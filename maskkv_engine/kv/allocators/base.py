@@ -12,7 +12,7 @@ allocator (``full``) is the one exception, it keeps every cached token whatever 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -39,4 +39,4 @@ class Allocator:
         raise NotImplementedError(f"allocator {self.name!r} makes per-head plans")
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
+        return {"name": self.name, **(asdict(self) if is_dataclass(self) else {})}

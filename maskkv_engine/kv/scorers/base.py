@@ -7,7 +7,7 @@ scorer's observation queries over all keys and hands it to ``score``; it keeps t
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -37,4 +37,4 @@ class Scorer:
         return 0
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **asdict(self)}
+        return {"name": self.name, **(asdict(self) if is_dataclass(self) else {})}
