@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maskkv_engine import LLM, SamplingParams
+from maskkv_engine.kv.allocators.maskkv import MaskKVAllocator
+from maskkv_engine.kv.allocators.pyramidkv import PyramidKVAllocator
 from maskkv_engine.kv.base import ModelStats, PolicyContext
-from maskkv_engine.kv.maskkv import MaskKVPolicy
 from maskkv_engine.kv.profile import PROFILE_FILE
-from maskkv_engine.kv.registry import get_policy
+from maskkv_engine.kv.registry import SCORERS, get_policy, register_scorer
+from maskkv_engine.kv.scorers.base import Scorer
 from tests.conftest import prompt_ids
 from tests.naive_llada import naive_llada
 
@@ -34,17 +36,19 @@ def random_stats(layers: int, heads: int, seed: int) -> ModelStats:
     )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     policy=st.sampled_from(PRUNING),
+    allocator=st.sampled_from([None, "uniform", "maskkv", "pyramidkv", "adakv", "squeeze"]),
     layers=st.integers(1, 8),
     heads=st.integers(1, 6),
     n_cached=st.integers(1, 400),
     budget=st.integers(1, 600),
     seed=st.integers(0, 1000),
 )
-def test_budgets_are_conserved_and_bounded(policy, layers, heads, n_cached, budget, seed):
-    pol = get_policy(policy)
+def test_budgets_are_conserved_and_bounded(policy, allocator, layers, heads, n_cached, budget, seed):
+    """Every preset, and every preset's scorer with every allocator (None: the preset's own)."""
+    pol = get_policy(policy, {} if allocator is None else {"allocator": allocator})
     ctx = PolicyContext(layers, heads, n_cached, n_cached + 1, n_cached + 9, budget)
     stats = random_stats(layers, heads, seed)
     plan = pol.plan(ctx, stats)
@@ -59,7 +63,7 @@ def test_budgets_are_conserved_and_bounded(policy, layers, heads, n_cached, budg
                 for li in range(layers)
             ]
         )
-        floor = min(int(pol.floor_alpha * min(budget, n_cached)), n_cached)
+        floor = min(int(pol.allocator.floor_alpha * min(budget, n_cached)), n_cached)
         assert (k >= floor).all()
     assert int(k.sum()) == total
     assert (k >= 0).all() and (k <= n_cached).all()
@@ -67,7 +71,7 @@ def test_budgets_are_conserved_and_bounded(policy, layers, heads, n_cached, budg
 
 
 def test_maskkv_layer_and_head_budgets_follow_the_paper():
-    pol = MaskKVPolicy()  # alpha 0.1, beta 0.4, boundary = first and last layers
+    pol = MaskKVAllocator()  # alpha 0.1, beta 0.4, boundary = first and last layers
     imp = torch.tensor([0.4, 0.1, 0.1, 0.4], dtype=torch.float64)
     layer = pol.layer_budgets(4, 10.0, imp)
     # k_base = 4; k_imp = 24 split 0.8 / 0.2 between boundary and middle groups, evenly inside each
@@ -218,6 +222,62 @@ def test_policy_config_errors(llada_gqa_dir):
         LLM(str(llada_gqa_dir), kv_policy="maskkv", kv_policy_config={"alpha": 1.5})
     with pytest.raises(ValueError, match="kernel_size=4 must be an odd integer"):
         LLM(str(llada_gqa_dir), kv_policy="snapkv", kv_policy_config={"kernel_size": 4})
+
+
+def test_config_keys_reach_the_part_that_has_them():
+    pol = get_policy("pyramidkv", {"window_size": 8, "beta": 5.0})
+    assert pol.scorer.window_size == 8 and pol.allocator.beta == 5.0
+    ctx = PolicyContext(4, 2, n_cached=100, n_prompt=100, n_total=116, budget=20)
+    expected = PyramidKVAllocator(beta=5.0).plan(ctx, None, window=8).per_head
+    assert torch.equal(pol.plan(ctx, None).per_head, expected), "the scorer's window reaches the schedule"
+    swapped = get_policy("snapkv", {"allocator": "maskkv", "alpha": 0.2})
+    assert swapped.scorer.name == "snapkv" and swapped.allocator.alpha == 0.2 and swapped.needs_stats
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) \['alpha'\] for kv_policy='maskkv' \(scorer 'mask_voting', "
+    ):
+        get_policy("maskkv", {"allocator": "pyramidkv", "alpha": 0.2})  # alpha belongs to the allocator swapped out
+    with pytest.raises(
+        ValueError, match=r"kv_policy_config\['allocator'\]='pyramid' is not known \(allowed: \['adakv'"
+    ):
+        get_policy("maskkv", {"allocator": "pyramid"})
+    with pytest.raises(ValueError, match="scorer 'keep_all' ranks no tokens, so it cannot prune"):
+        get_policy("snapkv", {"scorer": "keep_all"})
+    with pytest.raises(ValueError, match="kv_policy='none' keeps no KV"):
+        get_policy("none", {"allocator": "uniform"})
+
+
+def test_a_composed_allocator_reads_the_profile(calibrated_llada):
+    profile = str(calibrated_llada / PROFILE_FILE)
+    eng = LLM(
+        str(calibrated_llada), kv_policy="snapkv", kv_policy_config={"allocator": "maskkv", "profile_path": profile}
+    ).llm_engine
+    assert eng.policy.allocator.profile_path == profile and eng.planner.profile is not None
+    assert not eng.planner.online, "budgets known before the pass: eviction layer by layer"
+
+
+def test_a_registered_scorer_composes_by_name(llada_gqa_dir):
+    """The docs' example: a new scorer, used with an existing allocator through configuration."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class RecentScorer(Scorer):
+        name = "recent"
+
+        def score(self, probs, ctx):
+            return torch.arange(ctx.n_cached, dtype=probs.dtype)
+
+    register_scorer(RecentScorer)
+    try:
+        llm = LLM(str(llada_gqa_dir), kv_policy="pyramidkv", kv_budget=4, kv_policy_config={"scorer": "recent"})
+        eng = llm.llm_engine
+        eng.add_request("r", {"prompt_token_ids": prompt_ids(30)}, SamplingParams(gen_length=8, steps=8))
+        eng.step()
+        for layer in range(eng.model_config.num_layers):
+            _, _, lens, positions = eng.block_manager.kept("r", layer)
+            for h, n in enumerate(lens.tolist()):
+                assert positions[h, :n].tolist() == list(range(30 - n, 30)), "the most recent tokens"
+    finally:
+        SCORERS.pop("recent")
 
 
 def test_third_party_policy_registers_through_the_entry_point(tmp_path, llada_gqa_dir, monkeypatch):

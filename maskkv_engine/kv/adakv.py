@@ -1,36 +1,20 @@
-"""AdaKV: SnapKV scoring; each layer's budget is split between heads by a global top-k over all heads'
-scores, after every head is guaranteed a floor of ``floor_alpha`` of the per-head average."""
+"""AdaKV (Feng et al. 2024) as the MaskKV paper's baseline: SnapKV's scorer with per-layer budgets
+split between heads by a global top-k with a floor (``kv/scorers/snapkv.py`` + ``kv/allocators/adakv.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-
-from maskkv_engine.kv.base import BudgetPlan, ModelStats, PolicyContext
-from maskkv_engine.kv.budgets import total_budget
-from maskkv_engine.kv.snapkv import SnapKVPolicy
+from maskkv_engine.kv.allocators.adakv import AdaKVAllocator
+from maskkv_engine.kv.allocators.base import Allocator
+from maskkv_engine.kv.base import KVPolicy
+from maskkv_engine.kv.scorers.base import Scorer
+from maskkv_engine.kv.scorers.snapkv import SnapKVScorer
 
 
 @dataclass
-class AdaKVPolicy(SnapKVPolicy):
+class AdaKVPolicy(KVPolicy):
     name = "adakv"
 
-    floor_alpha: float = 0.2
-
-    def plan(self, ctx: PolicyContext, stats: ModelStats | None) -> BudgetPlan:
-        per_layer = total_budget(1, ctx.num_kv_heads, ctx.budget, ctx.n_cached)
-        return BudgetPlan(per_layer=torch.full((ctx.num_layers,), per_layer, dtype=torch.long))
-
-    def split_heads(self, layer: int, layer_total: int, scores: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
-        num_heads, n = scores.shape
-        floor = min(int(self.floor_alpha * layer_total / num_heads), n)
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        ranked = torch.gather(scores, 1, order)  # each head's scores, best first
-        budgets = torch.full((num_heads,), floor, dtype=torch.long)
-        rest = layer_total - floor * num_heads
-        if rest > 0 and floor < n:
-            pool = ranked[:, floor:].reshape(-1)  # what is left after the floors, all heads together
-            picks = torch.topk(pool, min(rest, pool.numel())).indices
-            budgets += torch.bincount(picks // (n - floor), minlength=num_heads)
-        return budgets
+    scorer: Scorer = field(default_factory=SnapKVScorer)
+    allocator: Allocator = field(default_factory=AdaKVAllocator)

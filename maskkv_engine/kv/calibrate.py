@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from maskkv_engine.kv.base import BudgetPlan, ModelStats, PolicyContext
 from maskkv_engine.kv.full import FullCachePolicy
 from maskkv_engine.kv.prefill_capture import CaptureTarget, PrefillCapture
 from maskkv_engine.kv.profile import save_profile
+from maskkv_engine.kv.types import BudgetPlan, ModelStats, PolicyContext
 from maskkv_engine.models.config import DiffusionLMConfig
 from maskkv_engine.models.forward import full_forward_logits
 from maskkv_engine.models.loader import load_model

@@ -1,18 +1,20 @@
-"""``full``: cache every prompt token's KV once (after the first pass); recompute the response each step."""
+"""``full``: cache every prompt token's KV once (after the first pass) and recompute the response each
+step; nothing is scored (``kv/scorers/keep_all.py`` + ``kv/allocators/keep_all.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-
-from maskkv_engine.kv.base import BudgetPlan, KVPolicy, ModelStats, PolicyContext
+from maskkv_engine.kv.allocators.base import Allocator
+from maskkv_engine.kv.allocators.keep_all import KeepAllAllocator
+from maskkv_engine.kv.base import KVPolicy
+from maskkv_engine.kv.scorers.base import Scorer
+from maskkv_engine.kv.scorers.keep_all import KeepAllScorer
 
 
 @dataclass
 class FullCachePolicy(KVPolicy):
     name = "full"
-    needs_scores = False
 
-    def plan(self, ctx: PolicyContext, stats: ModelStats | None) -> BudgetPlan:
-        return BudgetPlan(per_head=torch.full((ctx.num_layers, ctx.num_kv_heads), ctx.n_cached, dtype=torch.long))
+    scorer: Scorer = field(default_factory=KeepAllScorer)
+    allocator: Allocator = field(default_factory=KeepAllAllocator)

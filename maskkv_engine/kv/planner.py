@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from maskkv_engine.kv.base import BudgetPlan, KVPolicy, ModelStats, PolicyContext
+from maskkv_engine.kv.base import KVPolicy
+from maskkv_engine.kv.types import BudgetPlan, ModelStats, PolicyContext
 from maskkv_engine.models.config import DiffusionLMConfig
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
 """Runs a KV policy inside a request's first full pass and writes the kept prompt KV into pages.
 
-The step context hands it every layer's post-RoPE q/k/v of the whole packed batch. For each request being captured it scores the cached-prompt keys with the
-policy's observation queries, picks the top-k per KV head and stores them, then lets the layer's full
-KV go. With budgets known before the pass (a profile, or an allocator that needs none) this happens
-layer by layer; otherwise (online statistics) every layer's prompt KV is held until ``finalize``.
+The step context hands it every layer's post-RoPE q/k/v of the whole packed batch. For each request
+being captured it scores the cached-prompt keys with the policy's observation queries, picks the top-k
+per KV head and stores them, then lets the layer's full KV go. With budgets known before the pass (a
+profile, or an allocator that needs none) this happens layer by layer; otherwise (online statistics)
+every layer's prompt KV is held until ``finalize``. Pages go to a ``PageStore`` handed in (the engine's
+BlockManager), so nothing here reaches back up into the engine.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from maskkv_engine.attention.hooks import StepHooks
-from maskkv_engine.engine.block_manager import BlockManager
-from maskkv_engine.kv.base import BudgetPlan, KVPolicy, ModelStats, PolicyContext
+from maskkv_engine.kv.base import KVPolicy
+from maskkv_engine.kv.page_store import PageStore
+from maskkv_engine.kv.types import BudgetPlan, ModelStats, PolicyContext
 
 
 @dataclass
@@ -43,11 +46,12 @@ class CaptureTarget:
 
 
 class PrefillCapture(StepHooks):
-    """Also usable on its own as the hooks of a plain full pass (calibration, tests)."""
+    """Also usable on its own as the hooks of a plain full pass (calibration, tests: ``pages=None``
+    writes nothing)."""
 
-    def __init__(self, policy: KVPolicy, block_manager: BlockManager | None, targets: list[CaptureTarget]):
+    def __init__(self, policy: KVPolicy, pages: PageStore | None, targets: list[CaptureTarget]):
         self.policy = policy
-        self.block_manager = block_manager
+        self.pages = pages
         self.targets = targets
 
     # ---- hooks called by the model ---------------------------------------------------------------
@@ -59,9 +63,9 @@ class PrefillCapture(StepHooks):
         held = 0
         for t in self.targets:
             if t.rewrite:
-                if self.block_manager is not None:
+                if self.pages is not None:
                     n = t.ctx.n_cached
-                    self.block_manager.rewrite(t.request_id, layer, k[t.rows][:n], v[t.rows][:n])
+                    self.pages.rewrite(t.request_id, layer, k[t.rows][:n], v[t.rows][:n])
                 continue
             qs, ks, vs = q[t.rows], k[t.rows], v[t.rows]
             scores, preference = self._score(qs, ks, t)
@@ -76,8 +80,8 @@ class PrefillCapture(StepHooks):
                 t.scores.append(scores)
             held += sum(x.numel() * x.element_size() for x in t.keys + t.values)
         layer_kv = k.numel() * k.element_size() + v.numel() * v.element_size()
-        if self.block_manager is not None:
-            self.block_manager.set_transient_bytes(layer_kv + held)
+        if self.pages is not None:
+            self.pages.set_transient_bytes(layer_kv + held)
 
     def on_attention_residual(
         self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, offsets: dict[int, int] | None = None
@@ -101,10 +105,10 @@ class PrefillCapture(StepHooks):
                 for layer in range(t.ctx.num_layers):
                     self._keep_selected(t, layer, t.keys[layer], t.values[layer], t.scores[layer], plan)
                 t.keys, t.values, t.scores = [], [], []
-            if self.block_manager is not None and self.block_manager.has_request(t.request_id):
-                self.block_manager.release_reservation(t.request_id)
-        if self.block_manager is not None:
-            self.block_manager.set_transient_bytes(0)
+            if self.pages is not None and self.pages.has_request(t.request_id):
+                self.pages.release_reservation(t.request_id)
+        if self.pages is not None:
+            self.pages.set_transient_bytes(0)
 
     @staticmethod
     def stats(t: CaptureTarget) -> ModelStats:
@@ -178,5 +182,5 @@ class PrefillCapture(StepHooks):
             k_rows[h, :keep] = kc[idx, h]
             v_rows[h, :keep] = vc[idx, h]
         t.kept_tokens += int(lens.sum())
-        if self.block_manager is not None:
-            self.block_manager.store(t.request_id, layer, k_rows, v_rows, lens, positions)
+        if self.pages is not None:
+            self.pages.store(t.request_id, layer, k_rows, v_rows, lens, positions)

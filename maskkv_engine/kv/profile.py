@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from maskkv_engine.kv.base import ModelStats
+from maskkv_engine.kv.types import ModelStats
 from maskkv_engine.models.config import DiffusionLMConfig
 from maskkv_engine.models.errors import CheckpointError
 from maskkv_engine.models.loader import read_json_object
