@@ -290,3 +290,46 @@ def test_with_stop_strings_a_stream_sends_each_text_whole(http, monkeypatch):
     assert texts == [plain["text"]] and chunks[0]["choices"][0]["finish_reason"] == plain["finish_reason"]
     without = events(http.post("/v1/completions", json={**body, "stop": None, "stream": True}))
     assert len(without) > 1  # the same request without stops streams as it settles
+
+
+# ---- n, stop, logprobs end to end, through the real client ---------------------------------------------
+def test_n_samples_through_the_client(client, http):
+    r = client.completions.create(model=MODEL, prompt="w1 w2 w3", max_tokens=8, n=3, seed=5, temperature=1.0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    alone = [
+        client.completions.create(model=MODEL, prompt="w1 w2 w3", max_tokens=8, seed=5 + i, temperature=1.0)
+        for i in range(3)
+    ]
+    # sample i is the request with seed + i: the same text as asking for it alone
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [a.choices[0].text for a in alone]
+    body = http.post("/v1/completions", json={"model": MODEL, "prompt": "w1 w2", "max_tokens": 4, "n": 2}).json()
+    strict(Completion, body)
+
+
+def test_stop_through_the_client(client):
+    full = client.completions.create(model=MODEL, prompt="w1 w2 w3", max_tokens=16, extra_body={"ignore_eos": True})
+    words = full.choices[0].text.split()
+    if len(words) < 2:
+        pytest.skip("the tiny model produced fewer than two words")
+    stop = words[1]
+    r = client.completions.create(
+        model=MODEL, prompt="w1 w2 w3", max_tokens=16, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    choice = r.choices[0]
+    assert stop not in choice.text and full.choices[0].text.startswith(choice.text)
+    assert choice.finish_reason == "stop"
+
+
+def test_logprobs_through_the_client(client):
+    r = client.completions.create(model=MODEL, prompt="w1 w2 w3", max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and len(lp.token_logprobs) == len(lp.tokens) > 0
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # the committed token + the top 2
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "w1 w2"}], max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 for t in content)
+    plain = client.completions.create(model=MODEL, prompt="w1 w2 w3", max_tokens=6)
+    assert plain.choices[0].logprobs is None

@@ -28,6 +28,18 @@ def test_entry_point_is_declared():
     assert eps.get("maskkv") == "vllm_maskkv:register"
 
 
+def test_maskkv_engine_finds_the_runner_through_its_entry_point(llada_dir):
+    """maskkv-engine never imports the plugin: backend='vllm' is the runner this package registers."""
+    import pytest
+
+    from maskkv_engine import LLM
+
+    eps = {ep.name: ep.value for ep in entry_points(group="maskkv_engine.model_runners")}
+    assert eps.get("vllm") == "vllm_maskkv.engine_runner:build_runner"
+    with pytest.raises(ValueError, match="kv_policy='full' is not available"):
+        LLM(str(llada_dir), kv_policy="full", backend="vllm")  # refused before vLLM starts
+
+
 def test_served_model_runs_in_vllm_spawned_processes(tmp_path, llada_dir):
     """`vllm serve` (multiprocess: API server, engine core, worker) on the pooling runner. The model is built
     in a spawned process, which knows LLaDA only if vLLM loaded our entry point there."""
