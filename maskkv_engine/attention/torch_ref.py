@@ -1,62 +1,92 @@
-"""The ``torch`` backend: gather pages, then tiled online-softmax attention. CPU default and the reference.
+"""The ``torch`` backend: per sequence, gather its pages into contiguous K/V, then one SDPA call.
 
-Keys are visited in fixed tiles of ``TILE`` tokens (cached pages first, then the sequence's dense
-keys), with the running max / sum / accumulator of the online softmax in float32 (float64 for
-float64 models). Tiles are fixed, so a sequence's result never depends on the other sequences of
-the batch: padding tiles are exact no-ops. That is what makes batch invariance bitwise on the CPU.
+For each sequence of the step and each kv head, the keys are [the head's kept prompt tokens, read out
+of its pages] + [the sequence's dense keys]; softmax runs over both at once. The pages of a head are
+read with one indexed gather (block table -> token rows of the pool), so a cached step costs what a
+dense-cache decoder's step costs: a copy of the cached K/V plus ``scaled_dot_product_attention``.
 
-A sequence with no cached pages whose queries are its keys (a full pass: a prefill, or every pass of
-the reference decoder) goes through ``scaled_dot_product_attention`` on its own instead: one call per
-sequence, with no padding and no mask, depends on nothing but that sequence, and is several times
-faster than the tiles on long prompts.
+Kv heads that keep the same number of tokens (every head under ``full``) share one call; a MaskKV
+sequence, whose heads keep different lengths, makes one call per distinct length: no padding and no
+mask, so what is computed is exactly softmax attention over the kept keys. The G query heads of a kv
+head are folded into the query rows ([H_kv, G * n, D]) instead of repeating K/V for them (GQA).
+
+Batch invariance (bitwise on the CPU): every call sees one sequence only, with shapes that depend on
+that sequence alone, so a request's output never depends on what else shares the step. The tiled
+online softmax lives in the triton kernel, where it is needed.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from maskkv_engine.attention.backend import AttentionBackend
-from maskkv_engine.attention.metadata import PAD_MULTIPLE, AttentionMetadata
-
-TILE = PAD_MULTIPLE  # query rows and keys per tile
+from maskkv_engine.attention.metadata import AttentionMetadata
 
 
-class _OnlineSoftmax:
-    """Running (max, sum, weighted values) over key tiles, per query row."""
-
-    def __init__(self, q_tiles: torch.Tensor, scale: float):
-        # q_tiles: [S, H_kv, n_qtiles, TILE, D] in the compute dtype
-        self.q = q_tiles * scale
-        shape = q_tiles.shape[:-1] + (1,)
-        self.m = torch.full(shape, -math.inf, dtype=q_tiles.dtype, device=q_tiles.device)
-        self.l = torch.zeros(shape, dtype=q_tiles.dtype, device=q_tiles.device)
-        self.acc = torch.zeros_like(q_tiles)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """k, v: [S, H_kv, TILE, D]; valid: [S, H_kv, TILE]."""
-        scores = torch.matmul(self.q, k.unsqueeze(2).transpose(-1, -2))  # [S, H, nq, TILE, TILE]
-        scores = scores.masked_fill(~valid[:, :, None, None, :], -math.inf)
-        m_new = torch.maximum(self.m, scores.amax(-1, keepdim=True))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(scores - m_safe)
-        correction = torch.exp(self.m - m_safe)
-        self.l = self.l * correction + p.sum(-1, keepdim=True)
-        self.acc = self.acc * correction + torch.matmul(p, v.unsqueeze(2))
-        self.m = m_new
-
-    def result(self) -> torch.Tensor:
-        return self.acc / self.l
+def _fold(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """q [n, H_q, D] -> [H_kv, G * n, D]: the G query heads of kv head h become rows of head h."""
+    n, n_q, d = q.shape
+    group = n_q // n_kv
+    return q.view(n, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * n, d)
 
 
-def _length_buckets(meta: AttentionMetadata) -> list[torch.Tensor]:
-    """Sequence indices grouped by padded length (powers of two times TILE), so a batch mixing full
-    passes over long prompts with short cached steps never pads the short ones to the long ones."""
-    longest = torch.maximum(meta.q.lens, meta.kv.lens).cpu()
-    tiles = (longest + TILE - 1) // TILE
-    bucket = torch.ceil(torch.log2(tiles.double())).long()
-    return [(bucket == b).nonzero().squeeze(-1) for b in torch.unique(bucket)]
+def _unfold(o: torch.Tensor, n: int) -> torch.Tensor:
+    """[H_kv, G * n, D] -> [n, H_q, D] (inverse of ``_fold``)."""
+    n_kv, rows, d = o.shape
+    group = rows // n
+    return o.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_kv * group, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [h, m, D], k / v [h, L, D] -> [h, m, D]; no mask (dLLMs attend both ways)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+
+
+class _Pages:
+    """One layer's pages: token rows of the pool for every (sequence, kv head), built once per call."""
+
+    def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype):
+        assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
+        lens = meta.cached_lens[layer]  # [S, H_kv]
+        self.lens: list[list[int]] = lens.tolist()
+        longest = max((max(row) for row in self.lens), default=0)
+        bs = meta.block_size
+        used = -(-longest // bs)
+        tables = meta.block_tables[layer, :, :, :used]  # [S, H_kv, used]
+        offsets = torch.arange(bs, device=tables.device)
+        self.rows = (tables[..., None] * bs + offsets).flatten(2)  # [S, H_kv, used * bs]
+        d = meta.k_pool.shape[-1]
+        self.k_pool = meta.k_pool.view(-1, d)
+        self.v_pool = meta.v_pool.view(-1, d)
+        self.compute = compute
+
+    def held(self, s: int) -> bool:
+        return any(self.lens[s])
+
+    def attend(self, s: int, qf: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> torch.Tensor:
+        """qf [H_kv, m, D] folded queries; kd / vd [H_kv, nk, D] dense keys -> [H_kv, m, D]."""
+        lens = self.lens[s]
+        n_kv = len(lens)
+        if all(n == lens[0] for n in lens):
+            return _sdpa(qf, *self._keys(s, list(range(n_kv)), lens[0], kd, vd))
+        out = torch.empty_like(qf)
+        for n in sorted(set(lens)):
+            heads = [h for h in range(n_kv) if lens[h] == n]
+            sel = torch.tensor(heads, device=qf.device)
+            out[sel] = _sdpa(qf[sel], *self._keys(s, heads, n, kd[sel], vd[sel]))
+        return out
+
+    def _keys(self, s: int, heads: list[int], n: int, kd: torch.Tensor, vd: torch.Tensor):
+        """[kept tokens of these heads (n each)] + [dense keys], contiguous: [h, n + nk, D] for K and V."""
+        if n == 0:
+            return kd, vd
+        rows = self.rows[s, heads[0] : heads[0] + 1] if len(heads) == 1 else self.rows[s, heads]
+        idx = rows[:, :n].reshape(-1)
+        shape = (len(heads), n, self.k_pool.shape[-1])
+        kp = self.k_pool.index_select(0, idx).view(shape).to(self.compute)
+        vp = self.v_pool.index_select(0, idx).view(shape).to(self.compute)
+        return torch.cat([kp, kd], dim=1), torch.cat([vp, vd], dim=1)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -65,93 +95,23 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        dense = self._dense_sequences(layer, meta)
-        out = q.new_empty(q.shape)
-        if dense:
-            cu = meta.q.cu.tolist()
-            for s in dense:
-                rows = slice(cu[s], cu[s + 1])
-                out[rows] = self._dense(q[rows], k[rows], v[rows])
-            if len(dense) == meta.num_seqs:
-                return out
-            rest = torch.tensor(sorted(set(range(meta.num_seqs)) - set(dense)), device=meta.q.index.device)
-            meta = meta.select(rest)
-        buckets = _length_buckets(meta)
-        if len(buckets) == 1 and not dense:
-            return self._forward_bucket(layer, q, k, v, meta)
-        for seqs in buckets:
-            sub = meta.select(seqs.to(meta.q.index.device))
-            out[sub.q.index[sub.q.valid]] = self._forward_bucket(layer, q, k, v, sub)
-        return out
-
-    @staticmethod
-    def _dense_sequences(layer: int, meta: AttentionMetadata) -> list[int]:
-        """Sequences whose queries are exactly their keys and that hold no pages at this layer."""
-        if not meta.same_layout:
-            return []
-        if meta.block_tables is None:
-            return list(range(meta.num_seqs))
-        held = meta.cached_lens[layer].sum(dim=-1).cpu()
-        return (held == 0).nonzero().squeeze(-1).tolist()
-
-    @staticmethod
-    def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One sequence, no mask: q [n, H_q, D], k / v [n, H_kv, D] -> [n, H_q, D]."""
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None].to(compute),
-            k.transpose(0, 1)[None].to(compute),
-            v.transpose(0, 1)[None].to(compute),
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return out[0].transpose(0, 1).to(q.dtype)
-
-    def _forward_bucket(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        out_dtype = q.dtype
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        n_q, d = q.shape[1], q.shape[2]
         n_kv = k.shape[1]
-        group = n_q // n_kv
-        s, lpad = meta.q.index.shape
-
-        # [S, Lpad, H_q, D] -> [S, H_kv, G * Lpad / TILE, TILE, D]: query head i belongs to kv head i // G
-        qp = q[meta.q.index].to(compute).view(s, lpad, n_kv, group, d).permute(0, 2, 3, 1, 4)
-        q_tiles = qp.reshape(s, n_kv, group * lpad // TILE, TILE, d)
-        state = _OnlineSoftmax(q_tiles, 1.0 / math.sqrt(d))
-
-        if meta.block_tables is not None:
-            self._visit_pages(state, layer, meta, compute)
-
-        kd = k[meta.kv.index].to(compute).permute(0, 2, 1, 3)  # [S, H_kv, Lkpad, D]
-        vd = v[meta.kv.index].to(compute).permute(0, 2, 1, 3)
-        for t0 in range(0, kd.shape[2], TILE):
-            valid = meta.kv.valid[:, None, t0 : t0 + TILE].expand(s, n_kv, TILE)
-            state.update(kd[:, :, t0 : t0 + TILE], vd[:, :, t0 : t0 + TILE], valid)
-
-        out = state.result().view(s, n_kv, group, lpad, d).permute(0, 3, 1, 2, 4).reshape(s, lpad, n_q, d)
-        return out[meta.q.valid].to(out_dtype)
-
-    @staticmethod
-    def _visit_pages(state: _OnlineSoftmax, layer: int, meta: AttentionMetadata, compute: torch.dtype) -> None:
-        assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
-        block_size = meta.block_size
-        per_tile = max(1, TILE // block_size)  # pages per key tile
-        tables = meta.block_tables[layer]  # [S, H_kv, P]
-        lens = meta.cached_lens[layer]  # [S, H_kv]
-        s, n_kv, n_pages = tables.shape
-        if int(lens.max()) == 0:
-            return
-        pad = (-n_pages) % per_tile
-        if pad:  # pad to whole tiles so a tile's shape never depends on the batch
-            tables = torch.cat([tables, tables.new_zeros(s, n_kv, pad)], dim=-1)
-        used_pages = -(-int(lens.max()) // block_size)
-        tile_tokens = per_tile * block_size
-        offsets = torch.arange(tile_tokens, device=tables.device)
-        for p0 in range(0, used_pages, per_tile):
-            pages = tables[:, :, p0 : p0 + per_tile]
-            kt = meta.k_pool[pages].reshape(s, n_kv, tile_tokens, -1).to(compute)
-            vt = meta.v_pool[pages].reshape(s, n_kv, tile_tokens, -1).to(compute)
-            valid = (p0 * block_size + offsets)[None, None, :] < lens[:, :, None]
-            state.update(kt, vt, valid)
+        q_cu = meta.q.cu.tolist()
+        kv_cu = q_cu if meta.same_layout else meta.kv.cu.tolist()
+        pages = _Pages(layer, meta, compute) if meta.block_tables is not None else None
+        out = q.new_empty(q.shape)
+        for s in range(len(q_cu) - 1):
+            q0, q1 = q_cu[s], q_cu[s + 1]
+            if q1 == q0:
+                continue
+            keys = slice(kv_cu[s], kv_cu[s + 1])
+            qf = _fold(q[q0:q1].to(compute), n_kv)
+            kd = k[keys].to(compute).transpose(0, 1)  # [H_kv, nk, D]
+            vd = v[keys].to(compute).transpose(0, 1)
+            if pages is not None and pages.held(s):
+                o = pages.attend(s, qf, kd, vd)
+            else:
+                o = _sdpa(qf, kd, vd)
+            out[q0:q1] = _unfold(o, q1 - q0).to(out.dtype)
+        return out
