@@ -97,8 +97,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         n_kv = k.shape[1]
-        q_cu = meta.q.cu.tolist()
-        kv_cu = q_cu if meta.same_layout else meta.kv.cu.tolist()
+        q_cu = meta.q.offsets
+        kv_cu = meta.kv.offsets
         pages = _Pages(layer, meta, compute) if meta.block_tables is not None else None
         out = q.new_empty(q.shape)
         for s in range(len(q_cu) - 1):
