@@ -44,21 +44,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class _Pages:
-    """One layer's pages: token rows of the pool for every (sequence, kv head), built once per call."""
+    """One layer's pages, read per (sequence, group of kv heads keeping the same length)."""
 
     def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype):
         assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
-        lens = meta.cached_lens[layer]  # [S, H_kv]
-        self.lens: list[list[int]] = lens.tolist()
-        longest = max((max(row) for row in self.lens), default=0)
-        bs = meta.block_size
-        used = -(-longest // bs)
-        tables = meta.block_tables[layer, :, :, :used]  # [S, H_kv, used]
-        offsets = torch.arange(bs, device=tables.device)
-        self.rows = (tables[..., None] * bs + offsets).flatten(2)  # [S, H_kv, used * bs]
-        d = meta.k_pool.shape[-1]
-        self.k_pool = meta.k_pool.view(-1, d)
-        self.v_pool = meta.v_pool.view(-1, d)
+        self.lens: list[list[int]] = meta.cached_lens[layer].tolist()  # [S][H_kv]
+        self.tables = meta.block_tables[layer]  # [S, H_kv, P]
+        self.k_pool, self.v_pool = meta.k_pool, meta.v_pool
+        self.block_size = meta.block_size
         self.compute = compute
 
     def held(self, s: int) -> bool:
@@ -69,24 +62,32 @@ class _Pages:
         lens = self.lens[s]
         n_kv = len(lens)
         if all(n == lens[0] for n in lens):
-            return _sdpa(qf, *self._keys(s, list(range(n_kv)), lens[0], kd, vd))
+            return _sdpa(qf, *self._keys(s, slice(None), lens[0], kd, vd))
         out = torch.empty_like(qf)
         for n in sorted(set(lens)):
-            heads = [h for h in range(n_kv) if lens[h] == n]
-            sel = torch.tensor(heads, device=qf.device)
-            out[sel] = _sdpa(qf[sel], *self._keys(s, heads, n, kd[sel], vd[sel]))
+            heads = torch.tensor([h for h in range(n_kv) if lens[h] == n], device=qf.device)
+            out[heads] = _sdpa(qf[heads], *self._keys(s, heads, n, kd[heads], vd[heads]))
         return out
 
-    def _keys(self, s: int, heads: list[int], n: int, kd: torch.Tensor, vd: torch.Tensor):
-        """[kept tokens of these heads (n each)] + [dense keys], contiguous: [h, n + nk, D] for K and V."""
+    def _keys(self, s: int, heads, n: int, kd: torch.Tensor, vd: torch.Tensor):
+        """[n kept tokens of each of these heads] + [dense keys]: [h, n + nk, D] for K and for V.
+
+        One indexed read of whole pages, with room for the dense keys after them: the table gets
+        placeholder pages (page 0) for that room, and the dense keys overwrite, from row n on, the
+        tail of the last kept page and the placeholders. Nothing past a head's n kept rows is used."""
         if n == 0:
             return kd, vd
-        rows = self.rows[s, heads[0] : heads[0] + 1] if len(heads) == 1 else self.rows[s, heads]
-        idx = rows[:, :n].reshape(-1)
-        shape = (len(heads), n, self.k_pool.shape[-1])
-        kp = self.k_pool.index_select(0, idx).view(shape).to(self.compute)
-        vp = self.v_pool.index_select(0, idx).view(shape).to(self.compute)
-        return torch.cat([kp, kd], dim=1), torch.cat([vp, vd], dim=1)
+        bs, nk = self.block_size, kd.shape[1]
+        used = -(-n // bs)
+        room = -(-(n + nk) // bs) - used
+        table = F.pad(self.tables[s, heads, :used], (0, room))  # [h, used + room]
+        shape = (table.shape[0], table.shape[1] * bs, self.k_pool.shape[-1])
+        out = []
+        for pool, dense in ((self.k_pool, kd), (self.v_pool, vd)):
+            rows = pool.index_select(0, table.reshape(-1)).view(shape).to(self.compute)
+            rows[:, n : n + nk] = dense
+            out.append(rows[:, : n + nk])
+        return out
 
 
 class TorchAttentionBackend(AttentionBackend):
