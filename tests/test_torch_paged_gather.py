@@ -1,4 +1,4 @@
-"""The torch backend's cached step: pages gathered into contiguous K/V, one SDPA per (sequence, head length).
+"""The torch backend's cached step: pages gathered into contiguous K/V, one SDPA call per sequence.
 
 Exactness against the float64 reference of test_attention_backends (its ``Case``: shuffled pages in a
 garbage-filled pool), at prompt lengths over many pages, every head equal (``full``) or ragged (MaskKV)
@@ -24,7 +24,7 @@ def full_kept(n_seqs: int, n_kv: int, prompt: int) -> list[list[int]]:
 
 
 def ragged_kept(n_kv: int, page: int) -> list[list[int]]:
-    """MaskKV-like: lengths differ per head, with 0, exact page multiples and repeats (shared calls)."""
+    """MaskKV-like: lengths differ per head, with 0, exact page multiples and repeats."""
     return [[0, 3 * page] + [5] * (n_kv - 2), [0] * n_kv, [4 * page + 1, 4 * page + 1] + [0] * (n_kv - 2),
             [9 * page + 3 + h for h in range(n_kv)]]  # fmt: skip
 
@@ -72,17 +72,14 @@ def test_batch_invariance_is_bitwise(kind):
 
 
 @pytest.mark.parametrize("prompt", [40, 900])
-def test_one_attention_call_per_sequence_whatever_the_prompt(monkeypatch, prompt):
-    """Equal head lengths: one SDPA per sequence, for 3 pages as for 57 (no loop over pages)."""
+@pytest.mark.parametrize("kind", ["full", "ragged"])
+def test_one_attention_call_per_sequence_whatever_the_prompt(monkeypatch, prompt, kind):
+    """One SDPA per sequence, for 3 pages as for 57, equal or ragged head lengths (no loop over pages
+    or heads)."""
     calls = count_sdpa(monkeypatch)
-    case = Case(SEQ_LENS, 4, 2, 16, 16, full_kept(len(SEQ_LENS), 2, prompt), torch.float32)
+    kept = full_kept(len(SEQ_LENS), 2, prompt)
+    if kind == "ragged":
+        kept = [[n, n // 3] for n, _ in kept]
+    case = Case(SEQ_LENS, 4, 2, 16, 16, kept, torch.float32)
     case.run(TorchAttentionBackend())
     assert calls[0] == len(SEQ_LENS)
-
-
-def test_ragged_heads_make_one_call_per_distinct_length(monkeypatch):
-    calls = count_sdpa(monkeypatch)
-    kept = ragged_kept(4, 4)  # distinct lengths per sequence: 3, 1, 2, 4
-    case = Case(SEQ_LENS, 8, 4, 16, 4, kept, torch.float32)
-    case.run(TorchAttentionBackend())
-    assert calls[0] == sum(len(set(k)) for k in kept)

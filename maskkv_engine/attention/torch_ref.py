@@ -5,10 +5,11 @@ of its pages] + [the sequence's dense keys]; softmax runs over both at once. The
 read with one indexed gather (block table -> token rows of the pool), so a cached step costs what a
 dense-cache decoder's step costs: a copy of the cached K/V plus ``scaled_dot_product_attention``.
 
-Kv heads that keep the same number of tokens (every head under ``full``) share one call; a MaskKV
-sequence, whose heads keep different lengths, makes one call per distinct length: no padding and no
-mask, so what is computed is exactly softmax attention over the kept keys. The G query heads of a kv
-head are folded into the query rows ([H_kv, G * n, D]) instead of repeating K/V for them (GQA).
+One call per sequence covers all its kv heads. Under ``full`` every head keeps the same length: no
+padding, no mask. A MaskKV sequence's heads keep different lengths: each head's keys are read up to
+the longest head's length and a boolean mask hides the rows past its own (exact: they get weight 0;
+pages are zeroed when handed out, so those rows are finite). The G query heads of a kv head are
+folded into the query rows ([H_kv, G * n, D]) instead of repeating K/V for them (GQA).
 
 Batch invariance (bitwise on the CPU): every call sees one sequence only, with shapes that depend on
 that sequence alone, so a request's output never depends on what else shares the step. The tiled
@@ -38,9 +39,10 @@ def _unfold(o: torch.Tensor, n: int) -> torch.Tensor:
     return o.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_kv * group, d)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [h, m, D], k / v [h, L, D] -> [h, m, D]; no mask (dLLMs attend both ways)."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [h, m, D], k / v [h, L, D] -> [h, m, D]. Bidirectional: ``mask`` [h, 1, L] (True = attend) only
+    hides the padding rows of heads that keep fewer tokens than the sequence's longest head."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=None if mask is None else mask[None])[0]
 
 
 class _Pages:
@@ -60,27 +62,26 @@ class _Pages:
     def attend(self, s: int, qf: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> torch.Tensor:
         """qf [H_kv, m, D] folded queries; kd / vd [H_kv, nk, D] dense keys -> [H_kv, m, D]."""
         lens = self.lens[s]
-        n_kv = len(lens)
-        if all(n == lens[0] for n in lens):
-            return _sdpa(qf, *self._keys(s, slice(None), lens[0], kd, vd))
-        out = torch.empty_like(qf)
-        for n in sorted(set(lens)):
-            heads = torch.tensor([h for h in range(n_kv) if lens[h] == n], device=qf.device)
-            out[heads] = _sdpa(qf[heads], *self._keys(s, heads, n, kd[heads], vd[heads]))
-        return out
+        longest = max(lens)
+        k, v = self._keys(s, longest, kd, vd)
+        if min(lens) == longest:
+            return _sdpa(qf, k, v)
+        # heads keeping fewer tokens than the longest: their rows [n_h, longest) are masked out
+        pos = torch.arange(k.shape[1], device=qf.device)
+        kept = torch.tensor(lens, device=qf.device)[:, None]
+        return _sdpa(qf, k, v, ((pos < kept) | (pos >= longest))[:, None, :])
 
-    def _keys(self, s: int, heads, n: int, kd: torch.Tensor, vd: torch.Tensor):
-        """[n kept tokens of each of these heads] + [dense keys]: [h, n + nk, D] for K and for V.
+    def _keys(self, s: int, n: int, kd: torch.Tensor, vd: torch.Tensor):
+        """[the first n page rows of every head] + [dense keys]: [H_kv, n + nk, D] for K and for V.
 
         One indexed read of whole pages, with room for the dense keys after them: the table gets
         placeholder pages (page 0) for that room, and the dense keys overwrite, from row n on, the
-        tail of the last kept page and the placeholders. Nothing past a head's n kept rows is used."""
-        if n == 0:
-            return kd, vd
+        tail of the last page and the placeholders. Rows past a head's own kept length (a shorter
+        head's table padding points at page 0) are finite, and masked out by ``attend``."""
         bs, nk = self.block_size, kd.shape[1]
         used = -(-n // bs)
         room = -(-(n + nk) // bs) - used
-        table = F.pad(self.tables[s, heads, :used], (0, room))  # [h, used + room]
+        table = F.pad(self.tables[s, :, :used], (0, room))  # [H_kv, used + room]
         shape = (table.shape[0], table.shape[1] * bs, self.k_pool.shape[-1])
         out = []
         for pool, dense in ((self.k_pool, kd), (self.v_pool, vd)):
