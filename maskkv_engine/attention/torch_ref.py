@@ -1,8 +1,8 @@
 """The ``torch`` backend: per sequence, gather its pages into contiguous K/V, then one SDPA call.
 
 For each sequence of the step and each kv head, the keys are [the head's kept prompt tokens, read out
-of its pages] + [the sequence's dense keys]; softmax runs over both at once. The pages of a head are
-read with one indexed gather (block table -> token rows of the pool), so a cached step costs what a
+of its pages] + [the sequence's dense keys]; softmax runs over both at once. A sequence's pages are
+read with one indexed gather of whole pages (block table -> pool), so a cached step costs what a
 dense-cache decoder's step costs: a copy of the cached K/V plus ``scaled_dot_product_attention``.
 
 One call per sequence covers all its kv heads. Under ``full`` every head keeps the same length: no
@@ -46,7 +46,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 class _Pages:
-    """One layer's pages, read per (sequence, group of kv heads keeping the same length)."""
+    """One layer's pages and kept lengths, read one sequence at a time."""
 
     def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype):
         assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
