@@ -83,3 +83,16 @@ def test_one_attention_call_per_sequence_whatever_the_prompt(monkeypatch, prompt
     case = Case(SEQ_LENS, 4, 2, 16, 16, kept, torch.float32)
     case.run(TorchAttentionBackend())
     assert calls[0] == len(SEQ_LENS)
+
+
+def test_reused_page_buffer_never_leaks_between_calls():
+    """The gathered pages live in a buffer the backend reuses: a long call, a short one with other pages,
+    then the long one again give the reference each time (the short call sees no stale rows)."""
+    backend = TorchAttentionBackend()
+    long = Case(SEQ_LENS, 8, 2, 16, 4, full_kept(len(SEQ_LENS), 2, 300), torch.float32, seed=7)
+    short = Case(SEQ_LENS, 8, 2, 16, 4, ragged_kept(2, 4), torch.float32, seed=8)
+    first = long.run(backend)
+    for case in (short, long):
+        err = (case.run(backend).double() - case.reference()).abs().max().item()
+        assert err < 1e-5
+    assert torch.equal(long.run(backend), first)

@@ -48,13 +48,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 class _Pages:
     """One layer's pages and kept lengths, read one sequence at a time."""
 
-    def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype):
+    def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype, workspace: dict):
         assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
         self.lens: list[list[int]] = meta.cached_lens[layer].tolist()  # [S][H_kv]
         self.tables = meta.block_tables[layer]  # [S, H_kv, P]
         self.k_pool, self.v_pool = meta.k_pool, meta.v_pool
         self.block_size = meta.block_size
         self.compute = compute
+        self.workspace = workspace
 
     def held(self, s: int) -> bool:
         return any(self.lens[s])
@@ -84,15 +85,29 @@ class _Pages:
         table = F.pad(self.tables[s, :, :used], (0, room))  # [H_kv, used + room]
         shape = (table.shape[0], table.shape[1] * bs, self.k_pool.shape[-1])
         out = []
-        for pool, dense in ((self.k_pool, kd), (self.v_pool, vd)):
-            rows = pool.index_select(0, table.reshape(-1)).view(shape).to(self.compute)
+        for name, pool, dense in (("k", self.k_pool, kd), ("v", self.v_pool, vd)):
+            rows = self._buffer(name, pool, table.numel() * bs * shape[2]).view(table.numel(), bs, shape[2])
+            torch.index_select(pool, 0, table.reshape(-1), out=rows)
+            rows = rows.view(shape).to(self.compute)
             rows[:, n : n + nk] = dense
             out.append(rows[:, : n + nk])
         return out
 
+    def _buffer(self, name: str, pool: torch.Tensor, numel: int) -> torch.Tensor:
+        """A reused buffer for the gathered pages: a fresh multi-MiB tensor per call costs its page faults
+        (a third of the read at 8k tokens per head). Only read within the call that fills it."""
+        buf = self.workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != pool.dtype or buf.device != pool.device:
+            buf = torch.empty(numel, dtype=pool.dtype, device=pool.device)
+            self.workspace[name] = buf
+        return buf[:numel]
+
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        self._workspace: dict[str, torch.Tensor] = {}  # gathered-page buffers, reused across calls
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -101,7 +116,7 @@ class TorchAttentionBackend(AttentionBackend):
         n_kv = k.shape[1]
         q_cu = meta.q.offsets
         kv_cu = meta.kv.offsets
-        pages = _Pages(layer, meta, compute) if meta.block_tables is not None else None
+        pages = _Pages(layer, meta, compute, self._workspace) if meta.block_tables is not None else None
         out = q.new_empty(q.shape)
         for s in range(len(q_cu) - 1):
             q0, q1 = q_cu[s], q_cu[s + 1]
