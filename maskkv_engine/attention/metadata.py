@@ -16,6 +16,7 @@ Queries and dense keys have separate layouts, like flash-attention's varlen API 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,26 +29,55 @@ if TYPE_CHECKING:
 PAD_MULTIPLE = 64  # per-sequence padding used by tiled backends; fixed so tiles never depend on the batch
 
 
-@dataclass
 class RowLayout:
-    """Varlen layout of one packed tensor: ``lens`` [S], ``cu`` [S+1], ``index`` [S, Lpad] (packed row of
-    each sequence's j-th entry, padding points at row 0), ``valid`` [S, Lpad]. Lpad % PAD_MULTIPLE == 0."""
+    """Varlen layout of one packed tensor: ``lens`` [S], ``cu`` [S+1] (and ``offsets``, the same as a Python
+    list), ``index`` [S, Lpad] (packed row of each sequence's j-th entry, padding points at row 0), ``valid``
+    [S, Lpad]. Lpad % PAD_MULTIPLE == 0. ``index`` / ``valid`` are built on first use: the torch backend
+    never reads them, and a step builds a layout per layer when refresh strategies reshape it."""
 
-    lens: torch.Tensor
-    cu: torch.Tensor
-    index: torch.Tensor
-    valid: torch.Tensor
+    def __init__(
+        self,
+        lens: torch.Tensor,
+        cu: torch.Tensor,
+        index: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        offsets: list[int] | None = None,
+    ):
+        self.lens = lens
+        self.cu = cu
+        self._index = index
+        self._valid = valid
+        self.offsets = cu.tolist() if offsets is None else offsets
 
     @classmethod
     def build(cls, lens: list[int], device: torch.device) -> RowLayout:
-        n = torch.tensor(lens, dtype=torch.long)
-        cu = torch.zeros(len(lens) + 1, dtype=torch.long)
-        cu[1:] = torch.cumsum(n, 0)
-        lpad = max(PAD_MULTIPLE, -(-max(lens) // PAD_MULTIPLE) * PAD_MULTIPLE)
+        offsets = [0, *itertools.accumulate(lens)]
+        return cls(
+            torch.tensor(lens, dtype=torch.long, device=device),
+            torch.tensor(offsets, dtype=torch.long, device=device),
+            offsets=offsets,
+        )
+
+    def _build_index(self) -> None:
+        lens = self.lens.cpu()
+        longest = int(lens.max()) if lens.numel() else 0
+        lpad = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
         j = torch.arange(lpad)
-        valid = j[None, :] < n[:, None]
-        index = torch.where(valid, cu[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long))
-        return cls(n.to(device), cu.to(device), index.to(device), valid.to(device))
+        valid = j[None, :] < lens[:, None]
+        index = torch.where(valid, self.cu.cpu()[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long))
+        self._index, self._valid = index.to(self.cu.device), valid.to(self.cu.device)
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self._index is None:
+            self._build_index()
+        return self._index
+
+    @property
+    def valid(self) -> torch.Tensor:
+        if self._valid is None:
+            self._build_index()
+        return self._valid
 
     def select(self, seqs: torch.Tensor) -> RowLayout:
         """Some sequences only (rows still index the whole packed tensor; padding shrinks to fit)."""

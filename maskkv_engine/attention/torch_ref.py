@@ -1,157 +1,134 @@
-"""The ``torch`` backend: gather pages, then tiled online-softmax attention. CPU default and the reference.
+"""The ``torch`` backend: per sequence, gather its pages into contiguous K/V, then one SDPA call.
 
-Keys are visited in fixed tiles of ``TILE`` tokens (cached pages first, then the sequence's dense
-keys), with the running max / sum / accumulator of the online softmax in float32 (float64 for
-float64 models). Tiles are fixed, so a sequence's result never depends on the other sequences of
-the batch: padding tiles are exact no-ops. That is what makes batch invariance bitwise on the CPU.
+For each sequence of the step and each kv head, the keys are [the head's kept prompt tokens, read out
+of its pages] + [the sequence's dense keys]; softmax runs over both at once. A sequence's pages are
+read with one indexed gather of whole pages (block table -> pool), so a cached step costs what a
+dense-cache decoder's step costs: a copy of the cached K/V plus ``scaled_dot_product_attention``.
 
-A sequence with no cached pages whose queries are its keys (a full pass: a prefill, or every pass of
-the reference decoder) goes through ``scaled_dot_product_attention`` on its own instead: one call per
-sequence, with no padding and no mask, depends on nothing but that sequence, and is several times
-faster than the tiles on long prompts.
+One call per sequence covers all its kv heads. Under ``full`` every head keeps the same length: no
+padding, no mask. A MaskKV sequence's heads keep different lengths: each head's keys are read up to
+the longest head's length and a boolean mask hides the rows past its own (exact: they get weight 0;
+pages are zeroed when handed out, so those rows are finite). The G query heads of a kv head are
+folded into the query rows ([H_kv, G * n, D]) instead of repeating K/V for them (GQA).
+
+Batch invariance (bitwise on the CPU): every call sees one sequence only, with shapes that depend on
+that sequence alone, so a request's output never depends on what else shares the step. The tiled
+online softmax lives in the triton kernel, where it is needed.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from maskkv_engine.attention.backend import AttentionBackend
-from maskkv_engine.attention.metadata import PAD_MULTIPLE, AttentionMetadata
-
-TILE = PAD_MULTIPLE  # query rows and keys per tile
+from maskkv_engine.attention.metadata import AttentionMetadata
 
 
-class _OnlineSoftmax:
-    """Running (max, sum, weighted values) over key tiles, per query row."""
-
-    def __init__(self, q_tiles: torch.Tensor, scale: float):
-        # q_tiles: [S, H_kv, n_qtiles, TILE, D] in the compute dtype
-        self.q = q_tiles * scale
-        shape = q_tiles.shape[:-1] + (1,)
-        self.m = torch.full(shape, -math.inf, dtype=q_tiles.dtype, device=q_tiles.device)
-        self.l = torch.zeros(shape, dtype=q_tiles.dtype, device=q_tiles.device)
-        self.acc = torch.zeros_like(q_tiles)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """k, v: [S, H_kv, TILE, D]; valid: [S, H_kv, TILE]."""
-        scores = torch.matmul(self.q, k.unsqueeze(2).transpose(-1, -2))  # [S, H, nq, TILE, TILE]
-        scores = scores.masked_fill(~valid[:, :, None, None, :], -math.inf)
-        m_new = torch.maximum(self.m, scores.amax(-1, keepdim=True))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(scores - m_safe)
-        correction = torch.exp(self.m - m_safe)
-        self.l = self.l * correction + p.sum(-1, keepdim=True)
-        self.acc = self.acc * correction + torch.matmul(p, v.unsqueeze(2))
-        self.m = m_new
-
-    def result(self) -> torch.Tensor:
-        return self.acc / self.l
+def _fold(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """q [n, H_q, D] -> [H_kv, G * n, D]: the G query heads of kv head h become rows of head h."""
+    n, n_q, d = q.shape
+    group = n_q // n_kv
+    return q.view(n, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * n, d)
 
 
-def _length_buckets(meta: AttentionMetadata) -> list[torch.Tensor]:
-    """Sequence indices grouped by padded length (powers of two times TILE), so a batch mixing full
-    passes over long prompts with short cached steps never pads the short ones to the long ones."""
-    longest = torch.maximum(meta.q.lens, meta.kv.lens).cpu()
-    tiles = (longest + TILE - 1) // TILE
-    bucket = torch.ceil(torch.log2(tiles.double())).long()
-    return [(bucket == b).nonzero().squeeze(-1) for b in torch.unique(bucket)]
+def _unfold(o: torch.Tensor, n: int) -> torch.Tensor:
+    """[H_kv, G * n, D] -> [n, H_q, D] (inverse of ``_fold``)."""
+    n_kv, rows, d = o.shape
+    group = rows // n
+    return o.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_kv * group, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [h, m, D], k / v [h, L, D] -> [h, m, D]. Bidirectional: ``mask`` [h, 1, L] (True = attend) only
+    hides the padding rows of heads that keep fewer tokens than the sequence's longest head."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=None if mask is None else mask[None])[0]
+
+
+class _Pages:
+    """One layer's pages and kept lengths, read one sequence at a time."""
+
+    def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype, workspace: dict):
+        assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
+        self.lens: list[list[int]] = meta.cached_lens[layer].tolist()  # [S][H_kv]
+        self.tables = meta.block_tables[layer]  # [S, H_kv, P]
+        self.k_pool, self.v_pool = meta.k_pool, meta.v_pool
+        self.block_size = meta.block_size
+        self.compute = compute
+        self.workspace = workspace
+
+    def held(self, s: int) -> bool:
+        return any(self.lens[s])
+
+    def attend(self, s: int, qf: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> torch.Tensor:
+        """qf [H_kv, m, D] folded queries; kd / vd [H_kv, nk, D] dense keys -> [H_kv, m, D]."""
+        lens = self.lens[s]
+        longest = max(lens)
+        k, v = self._keys(s, longest, kd, vd)
+        if min(lens) == longest:
+            return _sdpa(qf, k, v)
+        # heads keeping fewer tokens than the longest: their rows [n_h, longest) are masked out
+        pos = torch.arange(k.shape[1], device=qf.device)
+        kept = torch.tensor(lens, device=qf.device)[:, None]
+        return _sdpa(qf, k, v, ((pos < kept) | (pos >= longest))[:, None, :])
+
+    def _keys(self, s: int, n: int, kd: torch.Tensor, vd: torch.Tensor):
+        """[the first n page rows of every head] + [dense keys]: [H_kv, n + nk, D] for K and for V.
+
+        One indexed read of whole pages, with room for the dense keys after them: the table gets
+        placeholder pages (page 0) for that room, and the dense keys overwrite, from row n on, the
+        tail of the last page and the placeholders. Rows past a head's own kept length (a shorter
+        head's table padding points at page 0) are finite, and masked out by ``attend``."""
+        bs, nk = self.block_size, kd.shape[1]
+        used = -(-n // bs)
+        room = -(-(n + nk) // bs) - used
+        table = F.pad(self.tables[s, :, :used], (0, room))  # [H_kv, used + room]
+        shape = (table.shape[0], table.shape[1] * bs, self.k_pool.shape[-1])
+        out = []
+        for name, pool, dense in (("k", self.k_pool, kd), ("v", self.v_pool, vd)):
+            rows = self._buffer(name, pool, table.numel() * bs * shape[2]).view(table.numel(), bs, shape[2])
+            torch.index_select(pool, 0, table.reshape(-1), out=rows)
+            rows = rows.view(shape).to(self.compute)
+            rows[:, n : n + nk] = dense
+            out.append(rows[:, : n + nk])
+        return out
+
+    def _buffer(self, name: str, pool: torch.Tensor, numel: int) -> torch.Tensor:
+        """A reused buffer for the gathered pages: a fresh multi-MiB tensor per call costs its page faults
+        (a third of the read at 8k tokens per head). Only read within the call that fills it."""
+        buf = self.workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != pool.dtype or buf.device != pool.device:
+            buf = torch.empty(numel, dtype=pool.dtype, device=pool.device)
+            self.workspace[name] = buf
+        return buf[:numel]
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self) -> None:
+        self._workspace: dict[str, torch.Tensor] = {}  # gathered-page buffers, reused across calls
+
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        dense = self._dense_sequences(layer, meta)
-        out = q.new_empty(q.shape)
-        if dense:
-            cu = meta.q.cu.tolist()
-            for s in dense:
-                rows = slice(cu[s], cu[s + 1])
-                out[rows] = self._dense(q[rows], k[rows], v[rows])
-            if len(dense) == meta.num_seqs:
-                return out
-            rest = torch.tensor(sorted(set(range(meta.num_seqs)) - set(dense)), device=meta.q.index.device)
-            meta = meta.select(rest)
-        buckets = _length_buckets(meta)
-        if len(buckets) == 1 and not dense:
-            return self._forward_bucket(layer, q, k, v, meta)
-        for seqs in buckets:
-            sub = meta.select(seqs.to(meta.q.index.device))
-            out[sub.q.index[sub.q.valid]] = self._forward_bucket(layer, q, k, v, sub)
-        return out
-
-    @staticmethod
-    def _dense_sequences(layer: int, meta: AttentionMetadata) -> list[int]:
-        """Sequences whose queries are exactly their keys and that hold no pages at this layer."""
-        if not meta.same_layout:
-            return []
-        if meta.block_tables is None:
-            return list(range(meta.num_seqs))
-        held = meta.cached_lens[layer].sum(dim=-1).cpu()
-        return (held == 0).nonzero().squeeze(-1).tolist()
-
-    @staticmethod
-    def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One sequence, no mask: q [n, H_q, D], k / v [n, H_kv, D] -> [n, H_q, D]."""
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1)[None].to(compute),
-            k.transpose(0, 1)[None].to(compute),
-            v.transpose(0, 1)[None].to(compute),
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        return out[0].transpose(0, 1).to(q.dtype)
-
-    def _forward_bucket(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        out_dtype = q.dtype
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        n_q, d = q.shape[1], q.shape[2]
         n_kv = k.shape[1]
-        group = n_q // n_kv
-        s, lpad = meta.q.index.shape
-
-        # [S, Lpad, H_q, D] -> [S, H_kv, G * Lpad / TILE, TILE, D]: query head i belongs to kv head i // G
-        qp = q[meta.q.index].to(compute).view(s, lpad, n_kv, group, d).permute(0, 2, 3, 1, 4)
-        q_tiles = qp.reshape(s, n_kv, group * lpad // TILE, TILE, d)
-        state = _OnlineSoftmax(q_tiles, 1.0 / math.sqrt(d))
-
-        if meta.block_tables is not None:
-            self._visit_pages(state, layer, meta, compute)
-
-        kd = k[meta.kv.index].to(compute).permute(0, 2, 1, 3)  # [S, H_kv, Lkpad, D]
-        vd = v[meta.kv.index].to(compute).permute(0, 2, 1, 3)
-        for t0 in range(0, kd.shape[2], TILE):
-            valid = meta.kv.valid[:, None, t0 : t0 + TILE].expand(s, n_kv, TILE)
-            state.update(kd[:, :, t0 : t0 + TILE], vd[:, :, t0 : t0 + TILE], valid)
-
-        out = state.result().view(s, n_kv, group, lpad, d).permute(0, 3, 1, 2, 4).reshape(s, lpad, n_q, d)
-        return out[meta.q.valid].to(out_dtype)
-
-    @staticmethod
-    def _visit_pages(state: _OnlineSoftmax, layer: int, meta: AttentionMetadata, compute: torch.dtype) -> None:
-        assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
-        block_size = meta.block_size
-        per_tile = max(1, TILE // block_size)  # pages per key tile
-        tables = meta.block_tables[layer]  # [S, H_kv, P]
-        lens = meta.cached_lens[layer]  # [S, H_kv]
-        s, n_kv, n_pages = tables.shape
-        if int(lens.max()) == 0:
-            return
-        pad = (-n_pages) % per_tile
-        if pad:  # pad to whole tiles so a tile's shape never depends on the batch
-            tables = torch.cat([tables, tables.new_zeros(s, n_kv, pad)], dim=-1)
-        used_pages = -(-int(lens.max()) // block_size)
-        tile_tokens = per_tile * block_size
-        offsets = torch.arange(tile_tokens, device=tables.device)
-        for p0 in range(0, used_pages, per_tile):
-            pages = tables[:, :, p0 : p0 + per_tile]
-            kt = meta.k_pool[pages].reshape(s, n_kv, tile_tokens, -1).to(compute)
-            vt = meta.v_pool[pages].reshape(s, n_kv, tile_tokens, -1).to(compute)
-            valid = (p0 * block_size + offsets)[None, None, :] < lens[:, :, None]
-            state.update(kt, vt, valid)
+        q_cu = meta.q.offsets
+        kv_cu = meta.kv.offsets
+        pages = _Pages(layer, meta, compute, self._workspace) if meta.block_tables is not None else None
+        out = q.new_empty(q.shape)
+        for s in range(len(q_cu) - 1):
+            q0, q1 = q_cu[s], q_cu[s + 1]
+            if q1 == q0:
+                continue
+            keys = slice(kv_cu[s], kv_cu[s + 1])
+            qf = _fold(q[q0:q1].to(compute), n_kv)
+            kd = k[keys].to(compute).transpose(0, 1)  # [H_kv, nk, D]
+            vd = v[keys].to(compute).transpose(0, 1)
+            if pages is not None and pages.held(s):
+                o = pages.attend(s, qf, kd, vd)
+            else:
+                o = _sdpa(qf, kd, vd)
+            out[q0:q1] = _unfold(o, q1 - q0).to(out.dtype)
+        return out
