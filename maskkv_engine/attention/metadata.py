@@ -122,10 +122,6 @@ class AttentionMetadata:
         return self.q.index
 
     @property
-    def q_valid(self) -> torch.Tensor:
-        return self.q.valid
-
-    @property
     def same_layout(self) -> bool:
         return self.kv is self.q
 
