@@ -38,9 +38,23 @@ def mixed_batches(draw):
     return case, policy, requests
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=HEALTH)
 @given(batch=mixed_batches())
 def test_mixed_batch_gives_each_request_its_tokens_alone(model_paths, batch):
+    _check_batch(model_paths, batch)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=HEALTH)
+@given(batch=mixed_batches())
+def test_many_mixed_batches(model_paths, batch):
+    _check_batch(model_paths, batch)
+
+
+def _check_batch(model_paths, batch):
     case, policy, requests = batch
     llm = _engine(model_paths, case, policy)
     prompts = [{"prompt_token_ids": list(r.prompt)} for r in requests]
