@@ -246,6 +246,27 @@ def test_config_keys_reach_the_part_that_has_them():
         get_policy("none", {"allocator": "uniform"})
 
 
+def test_pyramidkv_falls_back_to_uniform_snapkv_on_short_prompts():
+    """Official PyramidKV: a prompt shorter than 2 x (budget - window) gets SnapKV's uniform budgets."""
+    alloc = PyramidKVAllocator()
+    short = PolicyContext(4, 2, n_cached=60, n_prompt=60, n_total=76, budget=40)  # 60 < 2 * (40 - 8)
+    assert alloc.plan(short, None, window=8).per_head.unique().tolist() == [40]
+    edge = PolicyContext(4, 2, n_cached=64, n_prompt=64, n_total=80, budget=40)  # 64 = 2 * 32: a pyramid
+    layers = alloc.plan(edge, None, window=8).per_head.sum(dim=1)
+    assert (layers[:-1] > layers[1:]).all(), layers.tolist()
+
+
+def test_squeeze_gives_its_least_important_group_forty_percent():
+    """SqueezeAttention's paper setting p = 0.4 of the average budget for the lazy layer group."""
+    alloc = get_policy("squeeze").allocator
+    assert alloc.squeeze_ratio == 0.4
+    ctx = PolicyContext(6, 1, n_cached=1000, n_prompt=1000, n_total=1016, budget=100)
+    imp = torch.tensor([0.5, 0.5, 0.25, 0.25, 0.01, 0.01], dtype=torch.float64)  # last two: least important
+    layers = alloc.layer_budgets(ctx, imp)
+    assert torch.allclose(layers[4:], torch.full((2,), 40.0, dtype=torch.float64))
+    assert torch.allclose(layers[:4], torch.full((4,), 130.0, dtype=torch.float64))
+
+
 def test_a_composed_allocator_reads_the_profile(calibrated_llada):
     profile = str(calibrated_llada / PROFILE_FILE)
     eng = LLM(
