@@ -42,7 +42,8 @@ def tiny_model(workdir: Path) -> str:
     path = workdir / "tiny-llada"
     cli.main(["random-checkpoint", "--out", str(path), "--hidden", "128", "--layers", "4", "--heads", "4",
               "--mlp", "256", "--vocab", "512", "--max-len", "4096"])  # fmt: skip
-    cli.main(["calibrate", "--model", str(path), "--num-prompts", "2", "--prompt-len", "256", "--gen-length", "16"])
+    cli.main(["calibrate", "--model", str(path), "--num-prompts", "2", "--prompt-len", "256", "--gen-length", "16",
+              "--random-prompts"])  # fmt: skip
     return str(path)
 
 

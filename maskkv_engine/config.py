@@ -80,6 +80,7 @@ class EngineConfig:
     refresh: str = "every_step"
     refresh_config: dict[str, Any] = field(default_factory=dict)
     max_model_len: int | None = None
+    prefill_chunk_size: int | None = 2048  # full passes: attention and MLP over this many query rows at a time
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     backend: str = "native"  # or a runner from the maskkv_engine.model_runners entry points ('vllm': the plugin)
@@ -97,6 +98,9 @@ class EngineConfig:
             raise ValueError(f"refresh_config must be a dict, got {type(self.refresh_config).__name__}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be an integer >= 2")
+        chunk = self.prefill_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"prefill_chunk_size={chunk!r} must be an integer >= 1 (query rows) or None (no chunking)")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an int")
 

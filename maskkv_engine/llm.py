@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from maskkv_engine import presets
 from maskkv_engine.config import EngineConfig
 from maskkv_engine.engine.llm_engine import LLMEngine, PromptType
 from maskkv_engine.outputs import RequestOutput
@@ -37,25 +38,29 @@ class LLM:
     def __init__(
         self,
         model: str | None = None,
-        kv_policy: str = "maskkv",
+        kv_policy: str | None = None,
         kv_budget: int | None = None,
         dtype: str = "auto",
         device: str = "auto",
         seed: int = 0,
         skip_tokenizer_init: bool = False,
+        preset: str | None = None,
         **engine_options: Any,
     ):
+        """``kv_policy`` defaults to ``maskkv``; ``preset`` (``maskkv_engine/presets.py``, e.g. ``"paper"``)
+        fills the engine options left out and the SamplingParams ``generate`` uses when given none."""
+        options = presets.engine_options(preset, {"kv_policy": kv_policy, "kv_budget": kv_budget, **engine_options})
+        options.setdefault("kv_policy", "maskkv")
         config = EngineConfig.from_kwargs(
             str(model) if model is not None else default_model_path(),
-            kv_policy=kv_policy,
-            kv_budget=kv_budget,
             dtype=dtype,
             device=device,
             seed=seed,
             skip_tokenizer_init=skip_tokenizer_init,
-            **engine_options,
+            **options,
         )
         self.llm_engine = LLMEngine(config)
+        self.preset = preset
         self._ids = itertools.count()
 
     @property
@@ -86,7 +91,7 @@ class LLM:
                     f"got {len(params)} sampling_params for {len(prompts)} prompts: give one, or one per prompt"
                 )
         else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or presets.sampling_params(self.preset)] * len(prompts)
         engine = self.llm_engine
         ids: list[str] = []
         try:  # validate every prompt before any work starts
@@ -121,7 +126,7 @@ class LLM:
         ``canvas_text`` show the masks still left); the last item is the finished output."""
         rid = f"stream-{next(self._ids)}"
         engine = self.llm_engine
-        engine.add_request(rid, prompt, sampling_params)
+        engine.add_request(rid, prompt, sampling_params or presets.sampling_params(self.preset))
         try:
             while True:
                 for out in engine.step(intermediate=True):

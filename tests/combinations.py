@@ -59,7 +59,7 @@ def build_models(root: Path) -> dict[str, Path]:
     paths["llada_gqa_profile"] = root / "llada_gqa_profile"
     shutil.copytree(paths["llada_gqa"], paths["llada_gqa_profile"])
     for name in ("llada_gqa_profile", "dream_mha_profile"):
-        calibrate(paths[name], num_prompts=2, prompt_len=32, out=paths[name], use_tqdm=False)
+        calibrate(paths[name], num_prompts=2, prompt_len=32, out=paths[name], use_tqdm=False, random_prompts=True)
     return paths
 
 

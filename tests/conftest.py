@@ -53,7 +53,7 @@ def calibrated_llada(llada_gqa_dir, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("calibrated")
     shutil.copytree(llada_gqa_dir, path, dirs_exist_ok=True)
-    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False)
+    calibrate(path, num_prompts=2, prompt_len=48, out=path, use_tqdm=False, random_prompts=True)
     return path
 
 

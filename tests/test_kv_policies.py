@@ -184,6 +184,43 @@ def test_layer_by_layer_eviction_holds_one_layer_of_full_kv(calibrated_llada, ll
     assert peak2 >= all_layers_prompt, "online budgets hold every layer's prompt KV until the pass ends"
 
 
+def test_maskkv_head_budgets_per_request_over_the_profiles_layer_budgets(llada_gqa_dir, tmp_path):
+    """The paper's "offline layer-wise, adaptive head-wise": with a profile, layer budgets are the profile's
+    and each layer's head split follows THIS request's prompt preference, measured in its first pass."""
+    from maskkv_engine.kv.calibrate import calibrate, measure_stats
+
+    prompt, other, gen, budget = prompt_ids(120, seed=5), prompt_ids(120, seed=9), 16, 24
+    profiled = tmp_path / "profiled"
+    shutil.copytree(llada_gqa_dir, profiled)
+    calibrate(profiled, [prompt], gen_length=gen, out=profiled, use_tqdm=False)  # the profile IS this request
+
+    def kept(path, p, **config):
+        eng = LLM(str(path), kv_policy="maskkv", kv_budget=budget, kv_policy_config=config).llm_engine
+        eng.add_request("r", {"prompt_token_ids": p}, SamplingParams(gen_length=gen, steps=gen, block_length=8))
+        eng.block_manager.reset_peak()
+        eng.step()
+        return eng, eng.block_manager.request_kv("r").lens.clone()
+
+    eng, request = kept(profiled, prompt)
+    _, online = kept(llada_gqa_dir, prompt)  # no profile: everything from the request, all layers jointly
+    alloc, ctx = eng.policy.allocator, eng.planner.context(120, 120, 120 + gen, budget)
+    assert alloc.head_budgets == "request"
+    profile_layers = alloc.plan(ctx, eng.planner.profile).per_head.sum(dim=1)
+    assert torch.equal(request.sum(dim=1), profile_layers), "layer budgets are the profile's"
+    assert int((request - online).abs().max()) <= 1, "the online head split, up to integer rounding"
+    stats = measure_stats(eng.runner.model, eng.model_config, prompt, gen)  # this request's preference
+    for layer in range(ctx.num_layers):
+        want = alloc.split_heads(layer, int(profile_layers[layer]), None, ctx, stats.prompt_preference[layer])
+        assert torch.equal(request[layer], want), f"layer {layer}"
+    # another prompt: the same layer budgets, its own head split (the profile's fixed split differs)
+    eng_b, request_b = kept(profiled, other)
+    _, fixed_b = kept(profiled, other, head_budgets="profile")
+    assert torch.equal(request_b.sum(dim=1), fixed_b.sum(dim=1))
+    assert not torch.equal(request_b, fixed_b), "head budgets follow the request, not the profile"
+    with pytest.raises(ValueError, match="head_budgets='layer' must be 'request' or 'profile'"):
+        LLM(str(profiled), kv_policy="maskkv", kv_policy_config={"head_budgets": "layer"})
+
+
 def test_denoise_steps_compute_only_the_response(calibrated_llada):
     eng = LLM(str(calibrated_llada), kv_policy="maskkv", kv_budget=8).llm_engine
     model = eng.runner.model
@@ -244,6 +281,27 @@ def test_config_keys_reach_the_part_that_has_them():
         get_policy("snapkv", {"scorer": "keep_all"})
     with pytest.raises(ValueError, match="kv_policy='none' keeps no KV"):
         get_policy("none", {"allocator": "uniform"})
+
+
+def test_pyramidkv_falls_back_to_uniform_snapkv_on_short_prompts():
+    """Official PyramidKV: a prompt shorter than 2 x (budget - window) gets SnapKV's uniform budgets."""
+    alloc = PyramidKVAllocator()
+    short = PolicyContext(4, 2, n_cached=60, n_prompt=60, n_total=76, budget=40)  # 60 < 2 * (40 - 8)
+    assert alloc.plan(short, None, window=8).per_head.unique().tolist() == [40]
+    edge = PolicyContext(4, 2, n_cached=64, n_prompt=64, n_total=80, budget=40)  # 64 = 2 * 32: a pyramid
+    layers = alloc.plan(edge, None, window=8).per_head.sum(dim=1)
+    assert (layers[:-1] > layers[1:]).all(), layers.tolist()
+
+
+def test_squeeze_gives_its_least_important_group_forty_percent():
+    """SqueezeAttention's paper setting p = 0.4 of the average budget for the lazy layer group."""
+    alloc = get_policy("squeeze").allocator
+    assert alloc.squeeze_ratio == 0.4
+    ctx = PolicyContext(6, 1, n_cached=1000, n_prompt=1000, n_total=1016, budget=100)
+    imp = torch.tensor([0.5, 0.5, 0.25, 0.25, 0.01, 0.01], dtype=torch.float64)  # last two: least important
+    layers = alloc.layer_budgets(ctx, imp)
+    assert torch.allclose(layers[4:], torch.full((2,), 40.0, dtype=torch.float64))
+    assert torch.allclose(layers[:4], torch.full((4,), 130.0, dtype=torch.float64))
 
 
 def test_a_composed_allocator_reads_the_profile(calibrated_llada):

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from maskkv_engine.attention.chunked import chunked_attention
 from maskkv_engine.attention.metadata import AttentionMetadata, get_forward_context
 
 
@@ -34,4 +35,6 @@ def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         q, k, v, meta = ctx.hooks.prepare_attention(layer, q, k, v, meta)
     if q.shape[0] == 0:  # a refresh step may recompute no row at all in a layer
         return q.new_empty(q.shape)
+    if ctx.chunk_rows is not None and q.shape[0] > ctx.chunk_rows:
+        return chunked_attention(ctx.backend, layer, q, k, v, meta, ctx.chunk_rows)
     return ctx.backend.forward(layer, q, k, v, meta)

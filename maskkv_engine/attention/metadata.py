@@ -181,6 +181,7 @@ class ForwardContext:
     attn: AttentionMetadata
     backend: AttentionBackend
     hooks: Any = None
+    chunk_rows: int | None = None  # query-chunked full passes: attention and MLP over this many rows at a time
 
 
 _CONTEXT: ForwardContext | None = None

@@ -81,7 +81,15 @@ class LLMEngine:
             stop_check=lambda req: finish_on_stop_string(req, self.output_processor.decode),
         )
         self.runner: ModelRunner = (
-            NativeModelRunner(self.model, self.model_config, self.backend, self.block_manager, self.policy, self.device)
+            NativeModelRunner(
+                self.model,
+                self.model_config,
+                self.backend,
+                self.block_manager,
+                self.policy,
+                self.device,
+                prefill_chunk_size=config.prefill_chunk_size,
+            )
             if factory is None
             else factory(config, self.model_config, self.dtype, self.max_model_len, self.device)
         )

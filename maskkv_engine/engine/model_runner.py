@@ -47,6 +47,7 @@ class NativeModelRunner:
         block_manager: BlockManager | None,
         policy: KVPolicy,
         device: torch.device,
+        prefill_chunk_size: int | None = None,
     ):
         self.model = model
         self.config = model_config
@@ -54,6 +55,7 @@ class NativeModelRunner:
         self.block_manager = block_manager
         self.policy = policy
         self.device = device
+        self.prefill_chunk_size = prefill_chunk_size  # query rows per attention / MLP chunk of a full pass
 
     def shutdown(self) -> None:
         """Nothing to release: the weights and pages go with the engine."""
@@ -84,7 +86,7 @@ class NativeModelRunner:
         # the refresh state sees every layer of the first pass (it caches per-layer state there), split or not
         sequence = PlannedSequence(req.request_id, 0, n, req.refresh_state)
         hooks = StepContext([sequence], meta, progress.capture)
-        with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
+        with set_forward_context(self._context(meta, hooks)):
             progress.hidden = self.model.run_layers(progress.hidden, positions, start, end)
         progress.next_layer = end
         if end < self.config.num_layers:
@@ -95,6 +97,9 @@ class NativeModelRunner:
         cand = req.state.candidates(req.tokens, req.mask_id)
         logits = self.model.compute_logits(progress.hidden[self.config.logit_rows(cand).to(self.device)])
         return StepResult(positions=cand, logits=logits)
+
+    def _context(self, meta: AttentionMetadata, hooks: StepContext) -> ForwardContext:
+        return ForwardContext(attn=meta, backend=self.backend, hooks=hooks, chunk_rows=self.prefill_chunk_size)
 
     def _execute_batch(self, scheduled: list[ScheduledRequest]) -> list[StepResult]:
         ids, pos, seq_lens, uses_pages = [], [], [], []
@@ -136,7 +141,7 @@ class NativeModelRunner:
         hooks = StepContext(sequences, meta, capture)
         input_ids = torch.cat(ids).to(self.device)
         positions = torch.cat(pos).to(self.device)
-        with set_forward_context(ForwardContext(attn=meta, backend=self.backend, hooks=hooks)):
+        with set_forward_context(self._context(meta, hooks)):
             hidden = self.model(input_ids, positions)
         hooks.finalize()
         for t in targets:

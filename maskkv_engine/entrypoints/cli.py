@@ -212,9 +212,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = args.model or default_model_path()
     out = args.out or f"{model}/{PROFILE_FILE}"
+    if prompts is not None and args.random_prompts:
+        raise ValueError("--prompts-file and --random-prompts exclude each other: give one")
     stats = calibrate(
         model, prompts, gen_length=args.gen_length, num_prompts=args.num_prompts, prompt_len=args.prompt_len,
-        seed=args.seed, dtype=args.dtype, device=args.device, out=out,
+        seed=args.seed, dtype=args.dtype, device=args.device, out=out, random_prompts=args.random_prompts,
     )  # fmt: skip
     print(f"wrote {out}: layer importance {[round(float(x), 4) for x in stats.layer_importance]}")
     return 0
@@ -273,11 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="local model directory (default: the embedded default model)")
     c.add_argument("--out", default=None, help="profile path (default: <model>/maskkv_profile.json)")
     c.add_argument("--prompts-file", default=None,
-                   help="one prompt per line: text, or a JSON list of token ids (default: random prompts)")  # fmt: skip
-    c.add_argument("--num-prompts", type=int, default=8, help="random prompts when no file is given")
-    c.add_argument("--prompt-len", type=int, default=512, help="tokens per random prompt")
+                   help="one prompt per line: text, or a JSON list of token ids (default: windows of the shipped "
+                        "public-domain English text, through the model's tokenizer)")  # fmt: skip
+    c.add_argument("--random-prompts", action="store_true",
+                   help="calibrate on random token ids instead (only for random-weight test models)")  # fmt: skip
+    c.add_argument("--num-prompts", type=int, default=8, help="prompts when no file is given")
+    c.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt when no file is given")
     c.add_argument("--gen-length", type=int, default=32, help="masked response tokens after each prompt")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    c.add_argument("--seed", type=int, default=0, help="seed of --random-prompts")
     c.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     c.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     c.set_defaults(func=cmd_calibrate)

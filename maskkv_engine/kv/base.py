@@ -66,9 +66,26 @@ class KVPolicy:
         """Budgets for one request; ``stats`` is the profile, or the request's own (online) stats."""
         return self.allocator.plan(ctx, stats, self.scorer.window(ctx))
 
-    def split_heads(self, layer: int, layer_total: int, scores: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
-        """Per-head budgets of one layer from its scores [H_kv, n]; used only with ``per_layer`` plans."""
-        return self.allocator.split_heads(layer, layer_total, scores, ctx)
+    def plan_from_profile(self, ctx: PolicyContext, profile: ModelStats | None) -> BudgetPlan:
+        """The plan before the forward pass (the engine's planner asks this): the allocator's, unless a
+        subclass wrote its own ``plan``, which then decides alone."""
+        if type(self).plan is not KVPolicy.plan:
+            return self.plan(ctx, profile)
+        return self.allocator.plan_from_profile(ctx, profile, self.scorer.window(ctx))
+
+    def split_heads(
+        self,
+        layer: int,
+        layer_total: int,
+        scores: torch.Tensor,
+        ctx: PolicyContext,
+        preference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-head budgets of one layer from its scores [H_kv, n] (and this request's prompt preference
+        [H_kv] at the layer when the plan asked for it); used only with ``per_layer`` plans."""
+        if preference is None:  # allocators written before preference existed take four arguments
+            return self.allocator.split_heads(layer, layer_total, scores, ctx)
+        return self.allocator.split_heads(layer, layer_total, scores, ctx, preference)
 
     # ---- scorer ----------------------------------------------------------------------------------
     def observation(self, ctx: PolicyContext) -> slice:

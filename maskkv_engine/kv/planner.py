@@ -51,7 +51,7 @@ class KVPlanner:
                 )
                 self._warned = True
             return None
-        return self.policy.plan(ctx, self.profile)
+        return self.policy.plan_from_profile(ctx, self.profile)
 
     def pages_needed(self, ctx: PolicyContext, plan: BudgetPlan | None) -> int:
         """Pages to reserve at admission: exact for a per-head plan, an upper bound otherwise."""

@@ -72,7 +72,7 @@ class PrefillCapture(StepHooks):
             if t.collect_stats:
                 t.preference.append(preference)
             if t.plan is not None:
-                self._keep(t, layer, ks, vs, scores, t.plan)
+                self._keep(t, layer, ks, vs, scores, t.plan, preference)
             else:
                 n = t.ctx.n_cached
                 t.keys.append(ks[:n].clone())
@@ -125,7 +125,8 @@ class PrefillCapture(StepHooks):
         and, when collecting statistics, each head's prompt preference [H_kv]."""
         ctx = t.ctx
         want_scores = self.policy.needs_scores
-        if not want_scores and not t.collect_stats:
+        want_preference = t.collect_stats or (t.plan is not None and t.plan.needs_preference)
+        if not want_scores and not want_preference:
             return None, None
         obs = self.policy.observation(ctx)
         mask = ctx.mask_queries
@@ -134,7 +135,7 @@ class PrefillCapture(StepHooks):
         scale = 1.0 / math.sqrt(qs.shape[-1])
         compute = torch.float64 if qs.dtype == torch.float64 else torch.float32
         scores = torch.empty(n_kv, ctx.n_cached, dtype=compute) if want_scores else None
-        preference = torch.empty(n_kv, dtype=torch.float64) if t.collect_stats else None
+        preference = torch.empty(n_kv, dtype=torch.float64) if want_preference else None
         for h in range(n_kv):
             keys = ks[:, h].to(compute)  # [N, D]
             heads = slice(h * group, (h + 1) * group)
@@ -146,23 +147,24 @@ class PrefillCapture(StepHooks):
             probs = probs_for(obs) if want_scores else None
             if want_scores:
                 scores[h] = self.policy.score(probs, ctx).cpu()
-            if t.collect_stats:
+            if want_preference:
                 mprobs = probs if (want_scores and obs == mask) else probs_for(mask)
                 # share of the mask queries' attention mass on the (cacheable) prompt keys
                 preference[h] = float(mprobs[:, :, : ctx.n_cached].sum(-1).mean())
         return scores, preference
 
     # ---- selection and storage -------------------------------------------------------------------
-    def _keep(self, t: CaptureTarget, layer: int, ks, vs, scores, plan: BudgetPlan) -> None:
+    def _keep(self, t: CaptureTarget, layer: int, ks, vs, scores, plan: BudgetPlan, preference=None) -> None:
         n = t.ctx.n_cached
-        self._keep_selected(t, layer, ks[:n], vs[:n], scores, plan)
+        self._keep_selected(t, layer, ks[:n], vs[:n], scores, plan, preference)
 
-    def _keep_selected(self, t: CaptureTarget, layer: int, kc, vc, scores, plan: BudgetPlan) -> None:
-        """kc, vc: [n_cached, H_kv, D] of one layer; store the top-``budget`` of each head."""
+    def _keep_selected(self, t: CaptureTarget, layer: int, kc, vc, scores, plan: BudgetPlan, preference=None) -> None:
+        """kc, vc: [n_cached, H_kv, D] of one layer; store the top-``budget`` of each head. ``preference``:
+        this request's prompt preference [H_kv] at the layer (for plans that split heads by it)."""
         if plan.per_head is not None:
             lens = plan.per_head[layer]
         else:
-            lens = self.policy.split_heads(layer, int(plan.per_layer[layer]), scores, t.ctx)
+            lens = self.policy.split_heads(layer, int(plan.per_layer[layer]), scores, t.ctx, preference)
         lens = lens.clamp(0, t.ctx.n_cached).to(torch.long)
         n_kv, d = kc.shape[1], kc.shape[2]
         width = max(int(lens.max()), 1)

@@ -28,11 +28,14 @@ class BudgetPlan:
     """How many cached tokens each (layer, kv_head) keeps.
 
     per_head [L, H_kv]: exact. Or per_layer [L] (sum over heads), split between heads by the allocator
-    from the layer's scores (AdaKV). ``max_pages`` bounds what the plan can need, for admission.
+    once the layer has run: from the layer's scores (AdaKV), or, with ``needs_preference``, from this
+    request's prompt preference at that layer (MaskKV's head budgets over a profile's layer budgets).
+    ``max_pages`` bounds what the plan can need, for admission.
     """
 
     per_head: torch.Tensor | None = None
     per_layer: torch.Tensor | None = None
+    needs_preference: bool = False  # the capture measures each layer's prompt preference for split_heads
 
     def max_pages(self, block_size: int, num_kv_heads: int) -> int:
         """Pages (of ``block_size`` tokens of one head) the plan can need: exact for a per-head plan."""

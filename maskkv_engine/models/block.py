@@ -3,6 +3,10 @@
 Pre-norm: x1 = x + out_proj(attention(rope(qkv(norm1(x))))); out = x1 + mlp(norm2(x1)). q/k/v are
 projected for every packed row (refresh strategies compare or reuse them); attention and MLP run for
 the rows the step recomputes, and ``merge`` fills the other rows from their caches.
+
+With ``chunk_rows`` set (the engine's ``prefill_chunk_size``), attention (``attention/chunked.py``) and
+the MLP run over chunks of that many rows, so a long full pass never holds its n x n scores or its
+n x intermediate MLP activations; the hooks still see every row's q/k/v, residuals and outputs at once.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ def block_forward(
     norm2: Callable[[torch.Tensor], torch.Tensor],
     mlp: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    hooks = get_forward_context().hooks
+    ctx = get_forward_context()
+    hooks = ctx.hooks
     q, k, v = qkv(norm1(x))  # post-RoPE, [T, H, D]
     o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
     rows = hooks.rows(layer) if hooks is not None else None
@@ -35,7 +40,17 @@ def block_forward(
     x1 = x_rows + a
     if hooks is not None:
         hooks.on_attention_residual(layer, x_rows, x1)
-    m = mlp(norm2(x1))
+    m = _mlp_in_chunks(x1, norm2, mlp, ctx.chunk_rows)
     if hooks is None:
         return x1 + m
     return hooks.merge(layer, x, rows, x1, a, m)
+
+
+def _mlp_in_chunks(x1, norm2, mlp, chunk: int | None) -> torch.Tensor:
+    """mlp(norm2(x1)), ``chunk`` rows at a time (row-wise: the same values as one call, up to matmul blocking)."""
+    if chunk is None or x1.shape[0] <= chunk:
+        return mlp(norm2(x1))
+    out = torch.empty_like(x1)
+    for a in range(0, x1.shape[0], chunk):
+        out[a : a + chunk] = mlp(norm2(x1[a : a + chunk]))
+    return out

@@ -20,10 +20,12 @@ def full_forward_logits(
     sequences: list[list[int]] | list[torch.Tensor],
     backend: AttentionBackend | None = None,
     hooks=None,
+    chunk_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Per-position logits [len, vocab] of each sequence, all sequences packed into one pass.
 
     Logits are in the model's own convention: for Dream (``logits_shift``), row i predicts token i+1.
+    ``chunk_rows``: attention and MLP over that many query rows at a time (the engine's ``prefill_chunk_size``).
     """
     device = next(model.parameters()).device
     ids = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
@@ -31,7 +33,7 @@ def full_forward_logits(
     input_ids = torch.cat(ids).to(device)
     positions = torch.cat([torch.arange(n) for n in lens]).to(device)
     meta = AttentionMetadata.build(lens, device)
-    ctx = ForwardContext(attn=meta, backend=backend or TorchAttentionBackend(), hooks=hooks)
+    ctx = ForwardContext(attn=meta, backend=backend or TorchAttentionBackend(), hooks=hooks, chunk_rows=chunk_rows)
     with set_forward_context(ctx):
         hidden = model(input_ids, positions)
     logits = model.compute_logits(hidden)

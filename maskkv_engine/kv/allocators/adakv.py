@@ -25,7 +25,14 @@ class AdaKVAllocator(Allocator):
         per_layer = total_budget(1, ctx.num_kv_heads, ctx.budget, ctx.n_cached)
         return BudgetPlan(per_layer=torch.full((ctx.num_layers,), per_layer, dtype=torch.long))
 
-    def split_heads(self, layer: int, layer_total: int, scores: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
+    def split_heads(
+        self,
+        layer: int,
+        layer_total: int,
+        scores: torch.Tensor,
+        ctx: PolicyContext,
+        preference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         num_heads, n = scores.shape
         floor = min(int(self.floor_alpha * layer_total / num_heads), n)
         order = torch.argsort(scores, dim=1, descending=True, stable=True)

@@ -33,9 +33,22 @@ class Allocator:
         ``window``: the tokens the scorer always keeps per head (``Scorer.window``)."""
         raise NotImplementedError
 
-    def split_heads(self, layer: int, layer_total: int, scores: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
-        """Per-head budgets [H_kv] of one layer from its scores [H_kv, n_cached]; only for ``per_layer``
-        plans, whose split depends on the scores (AdaKV)."""
+    def plan_from_profile(self, ctx: PolicyContext, profile: ModelStats | None, window: int = 0) -> BudgetPlan:
+        """The plan made before the forward pass, from the calibration profile (None: no statistics). An
+        allocator may leave part of it to the pass itself (a ``per_layer`` plan); default: ``plan``."""
+        return self.plan(ctx, profile, window)
+
+    def split_heads(
+        self,
+        layer: int,
+        layer_total: int,
+        scores: torch.Tensor,
+        ctx: PolicyContext,
+        preference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-head budgets [H_kv] of one layer from its scores [H_kv, n_cached] (and, for a plan with
+        ``needs_preference``, this request's prompt preference [H_kv] at the layer); only for
+        ``per_layer`` plans, whose split depends on what the layer saw (AdaKV, MaskKV over a profile)."""
         raise NotImplementedError(f"allocator {self.name!r} makes per-head plans")
 
     def describe(self) -> dict[str, Any]:

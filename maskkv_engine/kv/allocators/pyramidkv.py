@@ -1,10 +1,15 @@
 """PyramidKV (Cai et al. 2024): a pyramid of layer budgets, most in the first layer and fewest in the
-last, arithmetic in between, scheduled as its official code does with ``beta`` = 20.
+last, arithmetic in between, scheduled as its official code does with ``beta`` = 20
+(Zefan-Cai/PyramidKV, ``pyramidkv/pyramidkv_utils.py``, ``PyramidKVCluster.update_kv``).
 
 Each layer gets the scorer's window (tokens it always keeps; 0 for Mask-Voting) plus its step of the
 arithmetic sequence over the rest of the budget; heads of a layer share its budget evenly. A top that
 would exceed the prompt is capped there (the bottom rises to keep the mean); one layer, or no budget
 beyond the window, gives a flat schedule.
+
+Short prompts fall back to uniform SnapKV, as the official code does: when the prompt is shorter than
+twice the budget beyond the window (``n_cached < 2 * (budget - window)``) every layer keeps the same
+budget. (A prompt no longer than the budget keeps everything, which the budget clamp already gives.)
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class PyramidKVAllocator(Allocator):
         num_layers, budget = ctx.num_layers, float(ctx.budget)
         w = float(min(window, ctx.budget, ctx.n_cached))
         rest = budget - w
-        if num_layers == 1 or rest <= 0:
+        if num_layers == 1 or rest <= 0 or ctx.n_cached < 2 * rest:
             return torch.full((num_layers,), budget, dtype=torch.float64)
         min_num = rest / self.beta
         max_num = 2 * rest - min_num
