@@ -48,7 +48,8 @@ def test_attention_and_mlp_see_at_most_a_chunk_of_rows(models, monkeypatch):
     assert seen["mlp"] and max(seen["mlp"]) <= CHUNK
     seen["sdpa"].clear()
     full_forward_logits(model, [prompt_ids(70, seed=1, high=100)])
-    assert max(seen["sdpa"]) == 70, "without chunking one call sees every row"
+    # without chunking one call sees every row (the torch backend folds a KV group's query heads into rows)
+    assert max(seen["sdpa"]) >= 70
 
 
 @pytest.mark.parametrize("case", ["llada_gqa_profile", "dream_mha_profile", "llada_gqa"])
