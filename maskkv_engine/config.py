@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -131,6 +132,21 @@ class EngineConfig:
             allowed = sorted(own_names | cache_names | sched_names)
             raise TypeError(f"unknown engine option(s) {unknown} (allowed: {allowed})")
         return cls(model=model, cache=CacheConfig(**cache_kw), scheduler=SchedulerConfig(**sched_kw), **kwargs)
+
+
+def registered_class(registry: dict[str, type], group: str, base: type, name: str, field: str) -> type:
+    """``name`` in an in-process registry, else loaded once from the entry-point ``group``; an unknown name
+    fails naming ``field`` and every allowed name (the three contracts' registries share this)."""
+    if name in registry:
+        return registry[name]
+    found = {ep.name: ep for ep in entry_points(group=group)}
+    if name not in found:
+        raise ValueError(f"{field}={name!r} is not known (allowed: {sorted(set(registry) | set(found))})")
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"entry point {name!r} in {group} does not name a {base.__name__} subclass")
+    registry[name] = cls
+    return cls
 
 
 def build_component(cls: type, config: dict[str, Any] | None, option: str, name: str) -> Any:

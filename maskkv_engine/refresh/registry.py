@@ -3,10 +3,9 @@ entry points or ``register_refresh``; ``refresh_config`` keys are the strategy's
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any
 
-from maskkv_engine.config import build_component
+from maskkv_engine.config import build_component, registered_class
 from maskkv_engine.refresh.base import RefreshStrategy
 from maskkv_engine.refresh.dllm_cache import DLLMCache
 from maskkv_engine.refresh.elastic import ElasticCache
@@ -30,16 +29,7 @@ def register_refresh(name: str, cls: type[RefreshStrategy]) -> None:
 
 
 def strategy_class(name: str) -> type[RefreshStrategy]:
-    if name in REFRESH_STRATEGIES:
-        return REFRESH_STRATEGIES[name]
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if name not in found:
-        raise ValueError(f"refresh={name!r} is not known (allowed: {sorted(set(REFRESH_STRATEGIES) | set(found))})")
-    cls = found[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, RefreshStrategy)):
-        raise ValueError(f"entry point {name!r} in {ENTRY_POINT_GROUP} does not name a RefreshStrategy subclass")
-    REFRESH_STRATEGIES[name] = cls
-    return cls
+    return registered_class(REFRESH_STRATEGIES, ENTRY_POINT_GROUP, RefreshStrategy, name, "refresh")
 
 
 def get_refresh(name: str, config: dict[str, Any] | None = None) -> RefreshStrategy:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
+from maskkv_engine.config import registered_class
 from maskkv_engine.sampling.rules.base import DecodingRule
 from maskkv_engine.sampling.rules.entropy import Entropy
 from maskkv_engine.sampling.rules.low_confidence import LowConfidence
@@ -21,9 +20,7 @@ RULES: dict[str, type[DecodingRule]] = {
 
 
 def get_rule(name: str) -> DecodingRule:
-    if name not in RULES:
-        load_entry_point_rule(name)
-    return RULES[name]()
+    return registered_class(RULES, ENTRY_POINT_GROUP, DecodingRule, name, "SamplingParams.remasking")()
 
 
 def rule_names(family: str) -> list[str]:
@@ -34,14 +31,3 @@ def rule_names(family: str) -> list[str]:
 def register_rule(cls: type[DecodingRule]) -> None:
     """Register a decoding rule in-process under ``cls.name`` (the entry point group does the same)."""
     RULES[cls.name] = cls
-
-
-def load_entry_point_rule(name: str) -> None:
-    """Load the rule ``name`` from the installed entry points, or say which names exist."""
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if name not in found:
-        raise ValueError(f"SamplingParams.remasking={name!r} is not known (allowed: {sorted(RULES)})")
-    cls = found[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, DecodingRule)):
-        raise ValueError(f"entry point {name!r} in {ENTRY_POINT_GROUP} does not name a DecodingRule subclass")
-    RULES[name] = cls
