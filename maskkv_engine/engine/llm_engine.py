@@ -24,7 +24,7 @@ from maskkv_engine.engine.scheduler import Scheduler, SchedulerOutput, StepFailu
 from maskkv_engine.kv.planner import KVPlanner
 from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
-from maskkv_engine.models.loader import load_config, load_model, read_hf_config, resolve_dtype
+from maskkv_engine.models.loader import load_config, load_model, resolve_dtype
 from maskkv_engine.outputs import RequestOutput
 from maskkv_engine.request import Request
 from maskkv_engine.sampling.sampler import Sampler
@@ -71,7 +71,7 @@ class LLMEngine:
             read_prompt_kv=self._read_prompt_kv,
         )
         self.output_processor = OutputProcessor(self.tokenizer, self.model_config.mask_token_id)
-        self.sampler = Sampler(self.model_config.mask_token_id, self._num_real_tokens())
+        self.sampler = Sampler(self.model_config.mask_token_id, self.model_config.num_real_tokens)
         self.scheduler = Scheduler(
             config.scheduler,
             self.block_manager,
@@ -115,15 +115,6 @@ class LLMEngine:
                 limit,
             )
         return self.config.max_model_len
-
-    def _num_real_tokens(self) -> int:
-        """Logit rows that are real tokens: LLaDA's embedding may be padded beyond the config's vocab_size
-        (``embedding_size``). The tokenizer's length is no bound: special ids may lie beyond it."""
-        rows = self.model_config.vocab_size
-        declared = read_hf_config(self.config.model).get("vocab_size")
-        if isinstance(declared, int) and not isinstance(declared, bool) and 1 < declared < rows:
-            rows = declared
-        return rows
 
     def _stop_token_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)

@@ -45,6 +45,8 @@ class DiffusionLMConfig:
     logits_shift: bool = False
     rope_in_float32: bool = True
     torch_dtype: str = "float32"
+    # ids that are tokens: LLaDA may pad its embedding beyond its vocab_size (``embedding_size``); None: all rows
+    token_vocab_size: int | None = None
     keys: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,13 +82,23 @@ class DiffusionLMConfig:
         return self.keys.get(name, name)
 
     def logit_rows(self, positions):
-        """Rows whose hidden state predicts ``positions``: Dream's logits are shifted by one (row i predicts
-        token i+1), LLaDA's are not. The one place that knows it."""
-        return positions - 1 if self.logits_shift else positions
+        """Rows whose hidden state predicts ``positions`` (see ``logit_rows``)."""
+        return logit_rows(positions, self.logits_shift)
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Logit rows that are tokens; the rows above are padding and are never sampled."""
+        return self.token_vocab_size or self.vocab_size
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+def logit_rows(positions, logits_shift: bool):
+    """Rows whose hidden state predicts ``positions``: Dream's logits are shifted by one (row i predicts token
+    i+1), LLaDA's are not. The one place that knows it."""
+    return positions - 1 if logits_shift else positions
 
 
 def _given(config: dict, key: str) -> bool:

@@ -53,9 +53,13 @@ def parse_llada_config(cfg: dict) -> DiffusionLMConfig:
     n_kv = read_int(cfg, "n_kv_heads", 1 if cfg.get("multi_query_attention") else n_heads)
     mlp = read_int(cfg, "mlp_hidden_size", read_int(cfg, "mlp_ratio", 4) * d_model)
     vocab_key = "embedding_size" if cfg.get("embedding_size") is not None else "vocab_size"
+    rows = read_int(cfg, vocab_key)
+    declared = cfg.get("vocab_size")  # with a padded embedding, the ids that are tokens
+    tokens = declared if isinstance(declared, int) and not isinstance(declared, bool) and 1 < declared < rows else None
     return DiffusionLMConfig(
         architecture=arch,
-        vocab_size=read_int(cfg, vocab_key),
+        vocab_size=rows,
+        token_vocab_size=tokens,
         hidden_size=d_model,
         num_layers=read_int(cfg, "n_layers"),
         num_heads=n_heads,
