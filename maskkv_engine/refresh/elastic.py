@@ -57,12 +57,11 @@ class ElasticState(RefreshState):
     def before_plan(self) -> None:
         r = self.request
         a0 = r.n_cached
-        shift = 1 if r.logits_shift else 0
-        window = r.candidates() - shift - a0  # rows whose hidden state predicts the window
+        window = r.logit_rows(r.candidates()) - a0  # rows whose hidden state predicts the window
         self.window_rows = window
         self.region_positions = r.region()
         # official `query_masked_position`: the mask rows queried (and whose attention picks tracked tokens)
-        self.mask_rows = window if self.cfg.block_caching else self.region_positions - shift - a0
+        self.mask_rows = window if self.cfg.block_caching else r.logit_rows(self.region_positions) - a0
 
     def plan_cached_step(self) -> StepPlan:
         r = self.request

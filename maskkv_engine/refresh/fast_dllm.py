@@ -19,11 +19,6 @@ import torch
 from maskkv_engine.refresh.base import RefreshState, RefreshStrategy, StepPlan
 
 
-def r_logit_row(r, position: int) -> int:
-    """The row whose hidden state predicts ``position`` (Dream's logits are shifted by one)."""
-    return position - 1 if r.logits_shift else position
-
-
 class FastDLLMState(RefreshState):
     def __init__(self, request, dual: bool):
         super().__init__(request)
@@ -38,7 +33,7 @@ class FastDLLMState(RefreshState):
         """(stream start, stream end, block start) for the current block."""
         r = self.request
         block_start, block_end = r.block_range
-        return r_logit_row(r, block_start), (block_end if self.dual else r.num_tokens), block_start
+        return r.logit_rows(block_start), (block_end if self.dual else r.num_tokens), block_start
 
     def before_plan(self) -> None:
         self.planned_block = self.request.block

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from maskkv_engine.models.config import logit_rows
+
 if TYPE_CHECKING:
     from maskkv_engine.request import Request
     from maskkv_engine.sampling_params import SamplingParams
@@ -89,6 +91,10 @@ class RequestView:
     @property
     def block_range(self) -> tuple[int, int]:
         return self._req.state.block_range
+
+    def logit_rows(self, positions):
+        """Rows whose hidden state predicts ``positions`` (Dream's logits are shifted by one)."""
+        return logit_rows(positions, self._req.logits_shift)
 
     def candidates(self) -> torch.Tensor:
         """Masked positions the coming step may commit (absolute, ascending)."""
