@@ -9,6 +9,7 @@ The parts themselves: gpu_kernel_parts.py (1 CUDA tests, 2 paged attention), gpu
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -111,20 +112,6 @@ def device_text(device: torch.device) -> str:
 
 
 # ---- random weights on the device ------------------------------------------------------------------
-def random_state_on_device(expected: dict, seed: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """``models.loader._random_state`` with the draws on ``device`` itself (same names, shapes, dtypes)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, p in expected.items():
-        if name.endswith("norm.weight") or name.endswith("ln_f.weight") or ".norm." in name:
-            state[name] = torch.ones(p.shape, dtype=dtype, device=device)
-        elif name.endswith(".bias"):
-            state[name] = torch.zeros(p.shape, dtype=dtype, device=device)
-        else:
-            state[name] = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
-    return state
-
-
 @contextlib.contextmanager
 def weights_on_device(device: torch.device, always: bool = False) -> Iterator[None]:
     """Random weights drawn on the GPU itself: the loader draws them on the CPU (a minute for 8B parameters),
@@ -136,7 +123,7 @@ def weights_on_device(device: torch.device, always: bool = False) -> Iterator[No
     from maskkv_engine.models import loader
 
     original = loader._random_state
-    loader._random_state = random_state_on_device
+    loader._random_state = functools.partial(original, draw_device=device)
     try:
         yield
     finally:
