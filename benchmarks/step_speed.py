@@ -54,6 +54,7 @@ from maskkv_engine.benchmarks.common import (
     write_results,
 )
 from maskkv_engine.models.layers import swiglu
+from maskkv_engine.sampling.selection import select_threshold, select_top_k
 from maskkv_engine.sampling_params import SamplingParams
 
 # The issue's model: LLaDA layout, d_model 256, 4 layers, 4 heads (head_dim 64), MLP 512.
@@ -136,15 +137,10 @@ class DenseLLaDA:
 
 
 def commit(x: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, count: int, threshold: float | None) -> None:
-    """LLaDA low-confidence commit of ``count`` candidates, or Fast-dLLM's threshold rule (as the engine)."""
+    """LLaDA low-confidence commit of ``count`` candidates, or Fast-dLLM's threshold rule (the engine's
+    selection functions: the baseline must choose exactly as the engine does for the tokens to match)."""
     conf, x0 = F.softmax(logits.double(), dim=-1).max(dim=-1)
-    if threshold is not None:
-        order = torch.argsort(conf, descending=True, stable=True)
-        keep = conf[order] >= threshold
-        keep[0] = True
-        idx = order[keep]
-    else:
-        idx = torch.topk(conf, min(count, cand.numel())).indices
+    idx = select_threshold(conf, threshold) if threshold is not None else select_top_k(conf, count)
     x[cand[idx]] = x0[idx]
 
 
