@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from tests.test_attention_backends import LAYER, NUM_LAYERS, Case, backend_or_skip, one_sequence
+from tests.test_attention_backends import Case, assert_batch_invariant, backend_or_skip
 
 CUDA = torch.cuda.is_available()
 DRY = not CUDA and os.environ.get("MASKKV_CUDA_DRY_RUN") == "1"
@@ -35,56 +35,6 @@ if CUDA:  # (query heads, kv heads, head_dim, page size, longest kept run per he
 else:
     SHAPES = [(4, 2, 16, 4, 40), (4, 4, 16, 4, 24)]
     SEQ_LENS = [8, 1, 5]
-
-
-class LongCase(Case):
-    """``Case`` (random pages, garbage elsewhere, shuffled page ids) filled with tensor ops, not per token,
-    so that kept runs of thousands of tokens per head build in a moment."""
-
-    def __init__(self, seq_lens, n_q, n_kv, d, page_size, kept, dtype, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        t = sum(seq_lens)
-        self.seq_lens, self.n_q, self.n_kv, self.d, self.dtype = seq_lens, n_q, n_kv, d, dtype
-        self.q = torch.randn(t, n_q, d, generator=g).to(dtype)
-        self.k = torch.randn(t, n_kv, d, generator=g).to(dtype)
-        self.v = torch.randn(t, n_kv, d, generator=g).to(dtype)
-        self.kept_k, self.kept_v = {}, {}
-        n_seqs = len(seq_lens)
-        lens = torch.zeros(NUM_LAYERS, n_seqs, n_kv, dtype=torch.long)
-        lens[LAYER] = torch.tensor(kept)
-        lens[1 - LAYER] = torch.randint(0, 3 * page_size, (n_seqs, n_kv), generator=g)
-        pages_of = -(-lens // page_size)
-        num_pages = int(pages_of.sum()) + 3
-        k_pool = 50 * torch.randn(num_pages, page_size, d, generator=g)
-        v_pool = 50 * torch.randn(num_pages, page_size, d, generator=g)
-        order = torch.randperm(num_pages, generator=g)
-        width = int(pages_of.max()) + 1
-        tables = torch.zeros(NUM_LAYERS, n_seqs, n_kv, width, dtype=torch.long)
-        used = 0
-        for layer in range(NUM_LAYERS):
-            for s in range(n_seqs):
-                for h in range(n_kv):
-                    ids = order[used : used + int(pages_of[layer, s, h])]
-                    used += ids.numel()
-                    tables[layer, s, h, : ids.numel()] = ids
-                    n = int(lens[layer, s, h])
-                    kept_k, kept_v = torch.randn(2, n, d, generator=g)
-                    j = torch.arange(n)
-                    slots = ids[j // page_size] * page_size + j % page_size
-                    k_pool.view(-1, d)[slots] = kept_k
-                    v_pool.view(-1, d)[slots] = kept_v
-                    if layer == LAYER:
-                        self.kept_k[s, h], self.kept_v[s, h] = kept_k.to(dtype), kept_v.to(dtype)
-        from maskkv_engine.attention.metadata import AttentionMetadata
-
-        self.meta = AttentionMetadata.build(
-            seq_lens,
-            DEVICE,
-            block_tables=tables,
-            cached_lens=lens,
-            k_pool=k_pool.to(dtype).to(DEVICE),
-            v_pool=v_pool.to(dtype).to(DEVICE),
-        )
 
 
 def kept_lengths(n_seqs: int, n_kv: int, page_size: int, longest: int, seed: int) -> list[list[int]]:
@@ -107,7 +57,7 @@ def shape_id(s) -> str:
 def test_triton_matches_the_reference(shape, dtype):
     """Triton and the torch backend both within tolerance of the float64 reference, on the same pages."""
     n_q, n_kv, d, page, longest = shape
-    case = LongCase(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, n_kv), dtype)
+    case = Case(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, n_kv), dtype)
     reference = case.reference()
     for name in ("triton", "torch"):
         err = (case.run(backend_or_skip(name)).double() - reference).abs().max().item()
@@ -118,7 +68,7 @@ def test_triton_matches_the_reference(shape, dtype):
 def test_xformers_matches_the_reference(shape):
     pytest.importorskip("xformers")
     n_q, n_kv, d, page, longest = shape
-    case = LongCase(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, 7), torch.bfloat16)
+    case = Case(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, 7), torch.bfloat16)
     err = (case.run(backend_or_skip("xformers")).double() - case.reference()).abs().max().item()
     assert err < TOLERANCE[torch.bfloat16], f"xformers max error {err:.3g}"
 
@@ -127,16 +77,8 @@ def test_xformers_matches_the_reference(shape):
 def test_triton_batch_invariance_is_bitwise(dtype):
     """Each sequence alone (its own table width and padding) gives the same bits as in the mixed batch."""
     n_q, n_kv, d, page, longest = SHAPES[0]
-    case = LongCase(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, 11), dtype)
-    backend = backend_or_skip("triton")
-    batched = case.run(backend)
-    start = 0
-    for s, n in enumerate(SEQ_LENS):
-        rows = slice(start, start + n)
-        q, k, v = (x[rows].to(DEVICE) for x in (case.q, case.k, case.v))
-        alone = backend.forward(LAYER, q, k, v, one_sequence(case, s)).cpu()
-        assert torch.equal(alone, batched[rows]), f"sequence {s} differs alone"
-        start += n
+    case = Case(SEQ_LENS, n_q, n_kv, d, page, kept_lengths(len(SEQ_LENS), n_kv, page, longest, 11), dtype)
+    assert_batch_invariant(backend_or_skip("triton"), case)
 
 
 @pytest.mark.parametrize("policy", ["maskkv", "full"] if CUDA else ["maskkv"])

@@ -13,7 +13,7 @@ import torch
 
 import maskkv_engine.attention.torch_ref as torch_ref
 from maskkv_engine.attention.torch_ref import TorchAttentionBackend
-from tests.test_attention_backends import DEVICE, LAYER, Case, one_sequence
+from tests.test_attention_backends import Case, assert_batch_invariant
 
 SEQ_LENS = [32, 1, 7, 32]
 
@@ -59,16 +59,7 @@ def test_batch_invariance_is_bitwise(kind):
     n_q, n_kv, page = 8, 2, 4
     kept = full_kept(len(SEQ_LENS), n_kv, 70) if kind == "full" else ragged_kept(n_kv, page)
     case = Case(SEQ_LENS, n_q, n_kv, 16, page, kept, torch.float32, seed=5)
-    backend = TorchAttentionBackend()
-    batched = case.run(backend)
-    start = 0
-    for s, n in enumerate(SEQ_LENS):
-        rows = slice(start, start + n)
-        alone = backend.forward(
-            LAYER, case.q[rows].to(DEVICE), case.k[rows].to(DEVICE), case.v[rows].to(DEVICE), one_sequence(case, s)
-        ).cpu()
-        assert torch.equal(alone, batched[rows]), f"sequence {s} differs alone"
-        start += n
+    assert_batch_invariant(TorchAttentionBackend(), case)
 
 
 @pytest.mark.parametrize("prompt", [40, 900])
