@@ -132,10 +132,8 @@ class Scheduler:
         for req in order:
             if id(req) in failed:
                 continue
-            try:
-                plan = req.refresh_state.plan_step()
-            except Exception as error:  # one request's broken state must not stop the others
-                out.failed.append((req, error))
+            plan = self._guard(out, req, req.refresh_state.plan_step)
+            if plan is None:  # its state raised: it fails alone, the others go on
                 continue
             item = ScheduledRequest(req, plan, num_layers=self.num_layers)
             left = budget - out.num_tokens
@@ -153,11 +151,13 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _guard(out: SchedulerOutput, req: Request, fn, *args) -> None:
+    def _guard(out: SchedulerOutput, req: Request, fn, *args):
+        """``fn(*args)``; if it raises, the request is recorded as failed (and None returned)."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as error:
             out.failed.append((req, error))
+            return None
 
     # ---- applying a step's results ---------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, results: list) -> SchedulerUpdate:
