@@ -12,8 +12,13 @@ peak is reset there through /proc/self/clear_refs). Then, with a fixed ``kv_memo
 finds the longest prompt each configuration completes (lengths doubling up to the longest asked).
 
 The pool of the first sweep is sized to hold full KV at the longest prompt, so nothing is refused there.
-Results: a markdown table on stdout and JSON in ``--out``. ``--quick`` (tests/test_long_prompt_memory.py)
-runs a tiny shape in this process: it checks that the script works, its numbers mean nothing.
+Where one run costs more than ~10 minutes on a 2-core CPU, the sweep trims: from ``trim_from`` tokens
+(16k) ``none`` runs only with chunking, from twice that (32k) only ``full`` and ``maskkv`` with
+chunking run (``none`` recomputes the whole prompt every step; an unchunked first pass is the same
+work as a chunked one). The fixed-pool search (a small pool, prompts doubling from 256) skips the same.
+Results: a markdown table on stdout, JSON in ``--out``, a PNG of peak memory against prompt length with
+``--plot``. ``--quick`` (tests/test_long_prompt_memory.py) runs a tiny shape in this process: it checks
+that the script works, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -46,11 +51,28 @@ class Sweep:
     steps: int
     budget: int
     fixed_pool: int
+    pool_lengths: list[int]  # prompts tried, in order, against the fixed pool
+    trim_from: int  # see the module docstring
     in_process: bool = False  # smoke test: no fresh process per run (the peaks then mean nothing)
 
+    def configs_at(self, n: int) -> list[tuple[str, int | None, int]]:
+        """(policy, budget, chunk) run at prompt length n."""
+        runs = []
+        for policy, budget in CONFIGS:
+            budget = budget if budget is None else self.budget
+            for chunk in (0, self.chunk):
+                if n >= 2 * self.trim_from and (policy == "none" or not chunk):
+                    continue
+                if n >= self.trim_from and policy == "none" and not chunk:
+                    continue
+                runs.append((policy, budget, chunk))
+        return runs
 
-FULL = Sweep("long-kv", [2048, 4096, 8192, 16384, 32768], 2048, 32, 4, 256, 2 << 30)
-QUICK = Sweep("tiny", [128, 256], 32, 8, 2, 16, 768 << 10, in_process=True)
+
+# 2 denoise steps: the first pass (where the peak is) and one step after it
+FULL = Sweep("long-kv", [2048, 4096, 8192, 16384, 32768], 2048, 32, 2, 256, 40 << 20,
+             [256 << i for i in range(8)], trim_from=16384)  # fmt: skip
+QUICK = Sweep("tiny", [128, 256], 32, 8, 2, 16, 768 << 10, [128, 256], trim_from=1 << 30, in_process=True)
 
 
 def kv_bytes_per_token(shape: str) -> int:
@@ -152,24 +174,26 @@ def run(sweep: Sweep, out: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp), sweep.shape, longest + sweep.gen, sweep.budget)
         big_pool = int(kv_bytes_per_token(sweep.shape) * (longest + sweep.gen) * 1.25) + (64 << 20)
-        rows = []
-        for n in sweep.lengths:
-            for policy, budget in CONFIGS:
-                budget = budget if budget is None else sweep.budget
-                for chunk in (0, sweep.chunk):
-                    rows.append(measure(model, policy, budget, chunk, n, sweep, big_pool))
-                    print(f"  {label(rows[-1])} n={n}: {rows[-1]}", file=sys.stderr, flush=True)
         limits = {}
-        for policy, budget in CONFIGS:
-            budget = budget if budget is None else sweep.budget
-            for chunk in (0, sweep.chunk):
-                done = 0
-                for n in sweep.lengths:
+        if sweep.pool_lengths:
+            for policy, budget, chunk in sweep.configs_at(min(sweep.pool_lengths)):
+                done, failure = 0, None
+                for n in sweep.pool_lengths:
+                    if (policy, budget, chunk) not in sweep.configs_at(n):
+                        break
                     row = measure(model, policy, budget, chunk, n, sweep, sweep.fixed_pool)
+                    print(f"  pool {label(row)} n={n}: {row}", file=sys.stderr, flush=True)
                     if not row["ok"]:
+                        failure = row["error"]
                         break
                     done = n
-                limits[label({"policy": policy, "budget": budget, "chunk": chunk})] = done
+                name = label({"policy": policy, "budget": budget, "chunk": chunk})
+                limits[name] = {"longest": done, "first_failure": failure}
+        rows = []
+        for n in sweep.lengths:
+            for policy, budget, chunk in sweep.configs_at(n):
+                rows.append(measure(model, policy, budget, chunk, n, sweep, big_pool))
+                print(f"  {label(rows[-1])} n={n}: {rows[-1]}", file=sys.stderr, flush=True)
     result = {"shape": sweep.shape, "kv_bytes_per_token": kv_bytes_per_token(sweep.shape), "rows": rows,
               "fixed_pool": sweep.fixed_pool, "longest_completed": limits}  # fmt: skip
     print(report(result))
@@ -191,12 +215,37 @@ def report(result: dict) -> str:
     for name in dict.fromkeys(label(r) for r in result["rows"]):
         cells = []
         for n in lengths:
-            row = next(r for r in result["rows"] if label(r) == name and r["n"] == n)
-            cells.append(f"{row['peak_above_idle'] / mib:.0f}" if row["ok"] else "failed")
+            row = next((r for r in result["rows"] if label(r) == name and r["n"] == n), None)
+            cells.append("—" if row is None else f"{row['peak_above_idle'] / mib:.0f}" if row["ok"] else "failed")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Longest prompt completed with a {result['fixed_pool'] / mib:g} MiB KV pool:", ""]
-    lines += [f"- {name}: {n or 'none'}" for name, n in result["longest_completed"].items()]
+    for name, limit in result["longest_completed"].items():
+        why = f" (next: {limit['first_failure']})" if limit["first_failure"] else ""
+        lines.append(f"- {name}: {limit['longest'] or 'none'}{why}")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Peak memory above idle against prompt length, one line per configuration (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(label(r) for r in result["rows"]):
+        points = sorted((r["n"], r["peak_above_idle"] / (1 << 20)) for r in result["rows"] if label(r) == name and r["ok"])
+        style = "-" if "chunk " in name else ":"
+        ax.plot(*zip(*points), style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("peak RSS above idle (MiB)")
+    ax.set_title(f"Whole-process peak memory, one request (`{result['shape']}` shape, CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,6 +253,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny shape and short prompts (smoke test)")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default: 2048,...,32768)")
+    p.add_argument("--pool-lengths", default=None,
+                   help="comma-separated prompts tried against the fixed pool ('' skips the search)")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, help="PNG of peak memory against prompt length")
+    p.add_argument("--replot", type=Path, default=None, help="draw --plot from this JSON result instead of running")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, kind in (("model", str), ("policy", str), ("budget", int), ("n", int), ("chunk", int),
                        ("gen", int), ("steps", int), ("pool", int)):  # fmt: skip
@@ -216,10 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return 0
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
     sweep = QUICK if args.quick else FULL
     if args.lengths:
         sweep = dataclasses.replace(sweep, lengths=sorted(int(n) for n in args.lengths.split(",")))
-    run(sweep, args.out)
+    if args.pool_lengths is not None:
+        sweep = dataclasses.replace(sweep, pool_lengths=[int(n) for n in args.pool_lengths.split(",") if n])
+    result = run(sweep, args.out)
+    if args.plot:
+        plot(result, args.plot)
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 from maskkv_engine.entrypoints.openai.cli_args import add_serve_args
+from maskkv_engine.presets import PRESETS, sampling_params
 from maskkv_engine.sampling_params import DEFAULT_GEN_LENGTH
 
 
@@ -63,7 +64,12 @@ def _positive_int(flag: str, value: int | None) -> None:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local model directory (default: the embedded default model)")
-    p.add_argument("--kv-policy", default="maskkv", help="none | full | maskkv | snapkv | pyramidkv | adakv | squeeze")
+    p.add_argument("--kv-policy", default=None,
+                   help="none | full | maskkv | snapkv | pyramidkv | adakv | squeeze (default: maskkv, or the preset's)")  # fmt: skip
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a published setting (maskkv_engine/presets.py); flags given explicitly win")  # fmt: skip
+    p.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="query rows per chunk of a first pass: bounds its activation memory (default: 2048)")  # fmt: skip
     p.add_argument("--kv-budget", type=int, default=None,
                    help="prompt KV pairs kept per head on average (default: the policy's own)")  # fmt: skip
     p.add_argument("--dtype", default="auto",
@@ -75,15 +81,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kw = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, dtype=args.dtype, device=args.device, seed=args.seed)
+    kw = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, dtype=args.dtype, device=args.device,
+              seed=args.seed, preset=args.preset)  # fmt: skip
     if args.attention_backend:
         kw["attention_backend"] = args.attention_backend
+    if args.prefill_chunk_size is not None:
+        kw["prefill_chunk_size"] = args.prefill_chunk_size
     return kw
 
 
 def _check_engine_args(args: argparse.Namespace) -> None:
     """Refuse what the engine would refuse, before the weights load: the same selector, its error on one line."""
     _positive_int("--kv-budget", args.kv_budget)
+    _positive_int("--prefill-chunk-size", args.prefill_chunk_size)
     if not args.attention_backend:
         return
     from maskkv_engine.attention.selector import get_attention_backend
@@ -107,16 +117,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if args.prompt_file is not None:
         prompt = _read_text("--prompt-file", args.prompt_file).strip()
-    from maskkv_engine import LLM, SamplingParams
+    from maskkv_engine import LLM
 
-    sp = SamplingParams(  # validated before the model loads
-        gen_length=args.gen_length,
-        steps=args.steps,
-        block_length=args.block_length,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        threshold=args.threshold,
-    )
+    given = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                 temperature=args.temperature, remasking=args.remasking, threshold=args.threshold)  # fmt: skip
+    # validated before the model loads; the preset's defaults (e.g. paper: block_length 8) under the flags
+    sp = sampling_params(args.preset, **{k: v for k, v in given.items() if v is not None})
     _check_engine_args(args)
     llm = LLM(args.model, **_engine_kwargs(args))
     start = time.perf_counter()
@@ -148,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kept = out.metrics.kv_tokens_kept
         share = f"{100.0 * kept / full:.1f}%" if full and llm.llm_engine.policy.caches else "n/a"
         print(
-            f"[{args.kv_policy}] prompt {len(out.prompt_token_ids)} tokens, KV kept {kept} of {full} pairs ({share}), "
+            f"[{llm.llm_engine.config.kv_policy}] prompt {len(out.prompt_token_ids)} tokens, KV kept {kept} of {full} pairs ({share}), "
             f"{out.metrics.num_steps} steps, {elapsed:.2f}s",
             file=sys.stderr,
         )

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from maskkv_engine import presets
+
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt a model takes, far below a memory problem
 DEFAULT_MAX_QUEUE_LEN = 1024
 
@@ -38,8 +40,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, dtype=args.dtype,
-                              device=args.device, seed=args.seed, max_num_seqs=args.max_num_seqs)  # fmt: skip
+    """EngineConfig keyword arguments: the flags given, over the preset's engine options, over maskkv."""
+    given = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, prefill_chunk_size=args.prefill_chunk_size)
+    kw: dict[str, Any] = presets.engine_options(args.preset, given)
+    kw.setdefault("kv_policy", "maskkv")
+    kw.update(dtype=args.dtype, device=args.device, seed=args.seed, max_num_seqs=args.max_num_seqs)
     if args.attention_backend:
         kw["attention_backend"] = args.attention_backend
     if args.max_model_len is not None:
