@@ -234,7 +234,9 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(label(r) for r in result["rows"]):
-        points = sorted((r["n"], r["peak_above_idle"] / (1 << 20)) for r in result["rows"] if label(r) == name and r["ok"])
+        points = sorted(
+            (r["n"], r["peak_above_idle"] / (1 << 20)) for r in result["rows"] if label(r) == name and r["ok"]
+        )
         style = "-" if "chunk " in name else ":"
         ax.plot(*zip(*points), style, marker="o", label=name)
     ax.set_xscale("log", base=2)
