@@ -1,5 +1,5 @@
 """AdaKV (Feng et al. 2024) as the MaskKV paper's baseline: SnapKV's scorer with per-layer budgets
-split between heads by a global top-k with a floor (``kv/scorers/snapkv.py`` + ``kv/allocators/adakv.py``)."""
+split between heads by a global top-k mixed with a floor (``kv/scorers/snapkv.py`` + ``kv/allocators/adakv.py``)."""
 
 from __future__ import annotations
 
