@@ -15,7 +15,9 @@ The pool of the first sweep is sized to hold full KV at the longest prompt, so n
 Where one run costs more than ~10 minutes on a 2-core CPU, the sweep trims: from ``trim_from`` tokens
 (16k) ``none`` runs only with chunking, from twice that (32k) only ``full`` and ``maskkv`` with
 chunking run (``none`` recomputes the whole prompt every step; an unchunked first pass is the same
-work as a chunked one). The fixed-pool search (a small pool, prompts doubling from 256) skips the same.
+work as a chunked one). The fixed-pool search (a small pool, prompts doubling from 256) skips the same,
+and skips ``none`` (it keeps no KV: no pool bounds it). A run the pool search completed is not repeated
+in the sweep: the pool's size does not change the process's peak (its pages are touched as they fill).
 Results: a markdown table on stdout, JSON in ``--out``, a PNG of peak memory against prompt length with
 ``--plot``. ``--quick`` (tests/test_long_prompt_memory.py) runs a tiny shape in this process: it checks
 that the script works, its numbers mean nothing.
@@ -174,9 +176,11 @@ def run(sweep: Sweep, out: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp), sweep.shape, longest + sweep.gen, sweep.budget)
         big_pool = int(kv_bytes_per_token(sweep.shape) * (longest + sweep.gen) * 1.25) + (64 << 20)
-        limits = {}
+        limits, completed = {}, {}
         if sweep.pool_lengths:
             for policy, budget, chunk in sweep.configs_at(min(sweep.pool_lengths)):
+                if policy == "none":
+                    continue
                 done, failure = 0, None
                 for n in sweep.pool_lengths:
                     if (policy, budget, chunk) not in sweep.configs_at(n):
@@ -187,12 +191,14 @@ def run(sweep: Sweep, out: Path | None) -> dict:
                         failure = row["error"]
                         break
                     done = n
+                    completed[policy, budget, chunk, n] = row
                 name = label({"policy": policy, "budget": budget, "chunk": chunk})
                 limits[name] = {"longest": done, "first_failure": failure}
         rows = []
         for n in sweep.lengths:
             for policy, budget, chunk in sweep.configs_at(n):
-                rows.append(measure(model, policy, budget, chunk, n, sweep, big_pool))
+                row = completed.get((policy, budget, chunk, n))
+                rows.append(row or measure(model, policy, budget, chunk, n, sweep, big_pool))
                 print(f"  {label(rows[-1])} n={n}: {rows[-1]}", file=sys.stderr, flush=True)
     result = {"shape": sweep.shape, "kv_bytes_per_token": kv_bytes_per_token(sweep.shape), "rows": rows,
               "fixed_pool": sweep.fixed_pool, "longest_completed": limits}  # fmt: skip

@@ -18,7 +18,8 @@ def test_quick_run_reports_every_configuration(tmp_path, capsys):
     # a 768 KiB pool holds full KV of 128 tokens (512 KiB), not of 256 (1 MiB); maskkv keeps 16 per head
     assert limits["full unchunked"] == limits["full chunk 32"] == 128
     assert "pool" in result["longest_completed"]["full unchunked"]["first_failure"]
-    assert limits["maskkv-16 chunk 32"] == limits["none chunk 32"] == 256
+    assert limits["maskkv-16 chunk 32"] == limits["maskkv-16 unchunked"] == 256
+    assert not any(name.startswith("none") for name in limits)  # keeps no KV: no pool bounds it
     assert "Peak RSS above idle" in capsys.readouterr().out
 
 
