@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.gpu_syncs import SyncCounter
+from maskkv_engine.attention.metadata import RowLayout
+from maskkv_engine.attention.transfer import to_device
 from maskkv_engine.sampling.sampler import Choice, Sampler
 from maskkv_engine.sampling.selection import rank_factor, rank_threshold, select_factor
 
@@ -58,3 +60,27 @@ def test_the_batch_choices_come_to_the_host_in_one_copy():
         host = Sampler.to_host(choices)
     assert [(c.tolist(), t.tolist()) for c, t in host] == [([3, 0], [30, 0]), ([1], [11]), ([], [])]
     assert sorted(site.split()[-1] for site in counter.counts.elements()) == ["cpu", "tolist"]
+
+
+def test_host_inputs_move_in_one_copy_as_views_of_it():
+    ids, table = torch.tensor([5, 6, 7]), torch.arange(12).view(2, 3, 2)
+    on_device = torch.empty(4, device="meta")  # a slice of earlier metadata: passed through, not copied
+    with SyncCounter(torch.device("cpu")) as counter:
+        moved = to_device([ids, table, on_device], torch.device("meta"))
+    assert [site.split()[-1] for site in counter.counts.elements()] == ["to(device)"]
+    assert [m.shape for m in moved] == [ids.shape, table.shape, on_device.shape] and moved[2] is on_device
+    assert all(m.device.type == "meta" and m.dtype == torch.long for m in moved[:2])
+    a, b = to_device([ids, table], torch.device("cpu"))
+    assert torch.equal(a, ids) and torch.equal(b, table)
+    assert a.data_ptr() + 3 * 8 == b.data_ptr()  # one buffer
+
+
+def test_row_layout_index_is_built_on_the_device_without_reads():
+    layout = RowLayout.build([3, 0, 70], torch.device("cpu"))
+    with SyncCounter(torch.device("cpu")) as counter:
+        index, valid = layout.index, layout.valid
+    assert sum(counter.counts.values()) == 0
+    assert index.shape == valid.shape == (3, 128)
+    assert valid.sum(dim=1).tolist() == [3, 0, 70]
+    assert index[0, :3].tolist() == [0, 1, 2] and index[2, :70].tolist() == list(range(3, 73))
+    assert int(index[~valid].abs().sum()) == 0  # padding points at row 0

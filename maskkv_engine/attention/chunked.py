@@ -41,12 +41,13 @@ def chunked_attention(
     chunk: int,
 ) -> torch.Tensor:
     """``backend.forward`` with the queries of long full-pass sequences taken ``chunk`` rows at a time."""
-    q_lens = meta.q.lens.tolist()
-    held = [0] * len(q_lens) if meta.block_tables is None else meta.cached_lens[layer].sum(dim=-1).tolist()
+    q_cu, kv_cu = meta.q.offsets, meta.kv.offsets  # host lists: planning reads nothing from the device
+    q_lens = [b - a for a, b in zip(q_cu, q_cu[1:])]
+    cached = meta.cached_lens if meta.cached_lens_host is None else meta.cached_lens_host
+    held = [0] * len(q_lens) if meta.block_tables is None else cached[layer].sum(dim=-1).tolist()
     long = [s for s, n in enumerate(q_lens) if n > chunk and held[s] == 0]
     if not long:
         return backend.forward(layer, q, k, v, meta)
-    q_cu, kv_cu = meta.q.cu.tolist(), meta.kv.cu.tolist()
     out = q.new_empty(q.shape)
     rest = [s for s in range(len(q_lens)) if s not in set(long)]
     if rest:
