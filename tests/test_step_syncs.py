@@ -7,13 +7,23 @@ listed here by name with why they stay.
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+
+import pytest
 import torch
 
-from benchmarks.gpu_syncs import SyncCounter
-from maskkv_engine.attention.metadata import RowLayout
-from maskkv_engine.attention.transfer import to_device
-from maskkv_engine.sampling.sampler import Choice, Sampler
-from maskkv_engine.sampling.selection import rank_factor, rank_threshold, select_factor
+if not torch.cuda.is_available():  # the GPU path's backend, in triton's CPU interpreter (decided at import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.gpu_syncs import CACHED_STEP, FIRST_PASS, HOST_ONLY, SyncCounter, by_site  # noqa: E402
+from maskkv_engine.attention.metadata import RowLayout  # noqa: E402
+from maskkv_engine.attention.transfer import to_device  # noqa: E402
+from maskkv_engine.config import EngineConfig  # noqa: E402
+from maskkv_engine.engine.llm_engine import LLMEngine  # noqa: E402
+from maskkv_engine.sampling.sampler import Choice, Sampler  # noqa: E402
+from maskkv_engine.sampling.selection import rank_factor, rank_threshold, select_factor  # noqa: E402
+from maskkv_engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def _factor_loop(confidence: torch.Tensor, factor: float) -> list[int]:
@@ -84,3 +94,62 @@ def test_row_layout_index_is_built_on_the_device_without_reads():
     assert valid.sum(dim=1).tolist() == [3, 0, 70]
     assert index[0, :3].tolist() == [0, 1, 2] and index[2, :70].tolist() == list(range(3, 73))
     assert int(index[~valid].abs().sum()) == 0  # padding points at row 0
+
+
+# ---- the engine's step path -------------------------------------------------------------------------
+def step_counts(model_dir, policy: str, refresh: str, batch: int) -> list[Counter]:
+    """Per engine step, the reads to the host and copies to the device, by call site (lines dropped)."""
+    engine = LLMEngine(
+        EngineConfig.from_kwargs(
+            str(model_dir), kv_policy=policy, refresh=refresh, attention_backend="triton", load_format="dummy",
+            skip_tokenizer_init=True, device="cpu", dtype="float32", num_pages=256,
+        )
+    )  # fmt: skip
+    params = SamplingParams(gen_length=16, block_length=16, steps=8, stop_at_eos=False)
+    for i in range(batch):
+        engine.add_request(f"r{i}", {"prompt_token_ids": list(range(3 + i, 40 + i))}, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        with SyncCounter(torch.device("cpu")) as counter:
+            engine.step()
+        steps.append(by_site(counter.counts))
+    return steps
+
+
+@pytest.mark.parametrize("refresh,layout_copies", [("every_step", 0), ("fast_dllm_dual", 1)])
+def test_a_cached_step_reads_the_device_once_for_the_whole_batch(llada_gqa_dir, refresh, layout_copies):
+    """Every cached step (not the first pass, not the last step, where requests finish) at B = 2: one read of
+    the committed tokens, one copy of the inputs (one more for the refresh layouts, however many layers),
+    and the host-only reads of each request's canvas (gpu_syncs.CACHED_STEP says why each stays)."""
+    b = 2
+    steps = step_counts(llada_gqa_dir, "full", refresh, b)
+    expected = Counter(
+        {
+            "maskkv_engine/sampling/sampler.py cpu": 1,
+            "maskkv_engine/attention/transfer.py to(device)": 1 + layout_copies,
+            "maskkv_engine/sampling/denoise_state.py nonzero": 2 * b,
+            "maskkv_engine/sampling/denoise_state.py bool": 2 * b,
+        }
+    )
+    assert set(expected) == set(CACHED_STEP)
+    assert len(steps) == 8
+    for i, counts in enumerate(steps[1:-1], start=1):
+        assert counts == expected, f"step {i}"
+
+
+def test_a_first_pass_reads_the_device_only_for_the_committed_tokens(llada_gqa_dir):
+    """The capturing first pass at B = 2 over 3 layers: per-head scoring, top-k and page writes read nothing
+    back; what the counter sees besides the sampler is host math on the plan (gpu_syncs.FIRST_PASS)."""
+    b, layers = 2, 3
+    first = step_counts(llada_gqa_dir, "snapkv", "every_step", b)[0]
+    per_layer = b * layers
+    once = {"sampler.py cpu": 1, "types.py int": b, "denoise_state.py nonzero": b, "denoise_state.py bool": b}
+    expected = Counter(
+        {
+            site: once.get(site.split("/")[-1], 1 + 2 * per_layer if site.endswith("to(device)") else per_layer)
+            for site in FIRST_PASS
+        }
+    )
+    assert first == expected
+    device = sorted(site for site in first if site not in HOST_ONLY)
+    assert device == ["maskkv_engine/attention/transfer.py to(device)", "maskkv_engine/sampling/sampler.py cpu"]

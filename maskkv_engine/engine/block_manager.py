@@ -186,7 +186,7 @@ class BlockManager:
             kv.pages[layer][h] = ids[start : start + n]
             start += n
         kv.lens[layer] = lens
-        kv.positions[layer] = None if positions is None else positions.cpu()
+        kv.positions[layer] = positions  # where the caller made them (the device): read only by a refresh
         kv._table = None
         if need:
             self._write_rows(kv.pages[layer], k, v, lens, zero=torch.tensor(ids))
