@@ -136,10 +136,24 @@ FIRST_PASS = {
     "maskkv_engine/sampling/denoise_state.py nonzero": "host: the candidates, once per request",
     "maskkv_engine/sampling/denoise_state.py bool": "host: whether the request is finished, once per request",
 }
+# A plan split per request at each layer (MaskKV's head budgets from the request's preference, AdaKV).
+SPLIT_PER_LAYER = {
+    "maskkv_engine/kv/prefill_capture.py cpu": "the layer's scores / preference for the allocator: one read per "
+    "layer and request (the split is host math)",
+    "maskkv_engine/kv/prefill_capture.py int": "host: the layer's total budget",
+    "maskkv_engine/kv/budgets.py bool": "host: the allocator's integer split",
+    "maskkv_engine/kv/budgets.py int": "host: the allocator's integer split",
+}
+# The step that finishes a request: its output tokens from its canvas.
+FINISHING = {
+    "maskkv_engine/request.py tolist": "host: the finished request's tokens",
+    "maskkv_engine/engine/output_processor.py tolist": "host: the finished request's tokens",
+}
+DEVICE_READS = {"maskkv_engine/sampling/sampler.py cpu", "maskkv_engine/kv/prefill_capture.py cpu"}
 HOST_ONLY = {
     site
-    for site in {**CACHED_STEP, **FIRST_PASS}
-    if not site.startswith("maskkv_engine/sampling/sampler.py") and not site.endswith("to(device)")
+    for site in {**CACHED_STEP, **FIRST_PASS, **SPLIT_PER_LAYER, **FINISHING}
+    if site not in DEVICE_READS and not site.endswith("to(device)")
 }
 
 
@@ -175,4 +189,12 @@ def per_step(engine, ids_list: list[list[int]], params) -> dict:
         "num_denoise_steps": steps - 1,
         "first_step_total": sum(first.values()),
         "per_denoise_step": sum(denoise.values()) / max(steps - 1, 1),
+        # on the CPU, what would read the device on a GPU: the count less host-only reads and queued copies
+        "device_reads_per_denoise_step": sum(n for site, n in by_site(denoise).items() if _reads_device(site))
+        / max(steps - 1, 1),
+        "first_step_device_reads": sum(n for site, n in by_site(first).items() if _reads_device(site)),
     }
+
+
+def _reads_device(site: str) -> bool:
+    return site not in HOST_ONLY and not site.endswith("to(device)")
