@@ -16,11 +16,13 @@ import torch
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Host integer tensors -> int64 tensors of the same shapes on ``device``, from one copy. A tensor already
     on another device than the CPU (a slice of an earlier step's metadata) is returned as it is."""
-    device = torch.device(device)
     host = [t for t in tensors if t.device.type == "cpu"]
-    sizes = [int(t.numel()) for t in host]
-    packed = torch.empty(sum(sizes), dtype=torch.long, pin_memory=device.type == "cuda")
-    if host:
-        torch.cat([t.reshape(-1).long() for t in host], out=packed)
-    views = iter(part.view(t.shape) for part, t in zip(packed.to(device, non_blocking=True).split(sizes), host))
+    flat = [t.reshape(-1).long() for t in host]
+    sizes = [f.numel() for f in flat]
+    if torch.device(device).type == "cuda":  # pinned: the copy is asynchronous, queued on the stream
+        packed = torch.cat(flat, out=torch.empty(sum(sizes), dtype=torch.long, pin_memory=True))
+    else:
+        packed = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+    moved = packed.to(device, non_blocking=True).split(sizes)
+    views = iter([m.view(t.shape) for m, t in zip(moved, host)])
     return [next(views) if t.device.type == "cpu" else t for t in tensors]
