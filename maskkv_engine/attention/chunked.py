@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from maskkv_engine.attention.metadata import AttentionMetadata
+from maskkv_engine.attention.transfer import to_device
 
 if TYPE_CHECKING:
     from maskkv_engine.attention.backend import AttentionBackend
@@ -51,15 +52,14 @@ def chunked_attention(
     out = q.new_empty(q.shape)
     rest = [s for s in range(len(q_lens)) if s not in set(long)]
     if rest:
-        q_rows = torch.cat([torch.arange(q_cu[s], q_cu[s + 1]) for s in rest]).to(q.device)
-        kv_rows = torch.cat([torch.arange(kv_cu[s], kv_cu[s + 1]) for s in rest]).to(q.device)
-        seqs = torch.tensor(rest, device=q.device)
+        host = [torch.cat([torch.arange(cu[s], cu[s + 1]) for s in rest]) for cu in (q_cu, kv_cu)]
+        q_rows, kv_rows, seqs = to_device([*host, torch.tensor(rest)], q.device)
         sub = AttentionMetadata.build(
             [q_lens[s] for s in rest],
             q.device,
             kv_lens=[kv_cu[s + 1] - kv_cu[s] for s in rest],
             block_tables=None if meta.block_tables is None else meta.block_tables[:, seqs],
-            cached_lens=None if meta.cached_lens is None else meta.cached_lens[:, seqs],
+            cached_lens=None if meta.cached_lens is None else cached[:, rest if cached.device.type == "cpu" else seqs],
             k_pool=meta.k_pool,
             v_pool=meta.v_pool,
         )
