@@ -153,3 +153,10 @@ def test_a_first_pass_reads_the_device_only_for_the_committed_tokens(llada_gqa_d
     assert first == expected
     device = sorted(site for site in first if site not in HOST_ONLY)
     assert device == ["maskkv_engine/attention/transfer.py to(device)", "maskkv_engine/sampling/sampler.py cpu"]
+
+
+def test_nothing_on_the_host_means_no_copy():
+    on_device = torch.empty(3, device="meta")
+    with SyncCounter(torch.device("cpu")) as counter:
+        assert to_device([on_device], torch.device("meta"))[0] is on_device and to_device([], "meta") == []
+    assert sum(counter.counts.values()) == 0

@@ -19,10 +19,12 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
     host = [t for t in tensors if t.device.type == "cpu"]
     flat = [t.reshape(-1).long() for t in host]
     sizes = [f.numel() for f in flat]
+    if not flat:
+        return list(tensors)
     if torch.device(device).type == "cuda":  # pinned: the copy is asynchronous, queued on the stream
         packed = torch.cat(flat, out=torch.empty(sum(sizes), dtype=torch.long, pin_memory=True))
     else:
-        packed = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.long)
+        packed = torch.cat(flat)
     moved = packed.to(device, non_blocking=True).split(sizes)
     views = iter([m.view(t.shape) for m, t in zip(moved, host)])
     return [next(views) if t.device.type == "cpu" else t for t in tensors]
