@@ -230,7 +230,9 @@ def syncs(rec: Recorder, dry: bool, deadline: float) -> None:
             lines += [
                 "",
                 f"{spec.label}, batch {batch}: first step {run['first_step_total']} syncs, "
-                f"{run['per_denoise_step']:.1f} per denoise step ({run['num_denoise_steps']} steps). Per denoise step:",
+                f"{run['per_denoise_step']:.1f} per denoise step ({run['num_denoise_steps']} steps); of them, device "
+                f"reads: {run['first_step_device_reads']} first, {run['device_reads_per_denoise_step']:.1f} per denoise "
+                "step. Per denoise step:",
                 *[f"- {site}: {n / max(run['num_denoise_steps'], 1):.1f}" for site, n in run["denoise_steps"].items()],
             ]
             rec.markdown = lines

@@ -225,7 +225,10 @@ def headline(parts: dict, g: dict) -> str:
     sy = parts.get("syncs", {}).get("figures", {}).get("runs", {})
     run = next((r for k, r in sy.items() if k.startswith("maskkv")), None)
     if run is not None:
-        bits.append(f"{run['per_denoise_step'] / run['batch']:.0f} host syncs per request per denoise step")
+        bits.append(
+            f"{run['device_reads_per_denoise_step']:.0f} host syncs per denoise step at batch {run['batch']} "
+            f"(goal: 1, the committed tokens)"
+        )
     states = [f"{n}: {p['status'].split(';')[0]}" for n, p in parts.items() if p["status"] != "ok"]
     if states:
         bits.append("not ok: " + ", ".join(states))

@@ -109,6 +109,63 @@ class SyncCounter:
         self._stack.callback(setattr, warnings, "showwarning", show)
 
 
+# What a cached denoise step may still read, per call site without its line ("file method"), and why: the
+# expectation tests/test_step_syncs.py holds the engine to (B requests in the batch; docs/gpu.md).
+CACHED_STEP = {
+    "maskkv_engine/sampling/sampler.py cpu": "the step's one sync: every request's committed tokens, one copy",
+    "maskkv_engine/attention/transfer.py to(device)": "the step's inputs and metadata, one non-blocking copy "
+    "from pinned memory (and one more for refresh layouts): queued, not a sync",
+    "maskkv_engine/sampling/denoise_state.py nonzero": "host: the request's candidates on its canvas (a host "
+    "tensor), twice per request (runner, schedule)",
+    "maskkv_engine/sampling/denoise_state.py bool": "host: whether the request is finished, on its canvas",
+}
+# A first (capturing) pass with budgets known before it (a profile, or a per-head plan): per layer and request
+# unless said otherwise. Only the sampler reads the device; a plan split per request at each layer from its own
+# scores (MaskKV's head budgets, AdaKV) adds one read per layer and request (prefill_capture.py ``_to_host``).
+FIRST_PASS = {
+    "maskkv_engine/sampling/sampler.py cpu": "once per step: the committed tokens",
+    "maskkv_engine/attention/transfer.py to(device)": "1 per step (inputs) + 2 per layer and request (the kept "
+    "rows' mask, the page slots): non-blocking copies, not syncs",
+    "maskkv_engine/kv/prefill_capture.py tolist": "host: the plan's kept lengths",
+    "maskkv_engine/engine/block_manager.py cpu": "host: the kept lengths (already host tensors: a no-op)",
+    "maskkv_engine/engine/block_manager.py bool": "host: the kept lengths' range check",
+    "maskkv_engine/engine/block_manager.py int": "host: the kept lengths' range check",
+    "maskkv_engine/engine/block_manager.py tolist": "host: pages per head",
+    "maskkv_engine/engine/block_manager.py nonzero": "host: which rows of each head are written",
+    "maskkv_engine/kv/types.py int": "host: the plan's total, once per request",
+    "maskkv_engine/sampling/denoise_state.py nonzero": "host: the candidates, once per request",
+    "maskkv_engine/sampling/denoise_state.py bool": "host: whether the request is finished, once per request",
+}
+# A plan split per request at each layer (MaskKV's head budgets from the request's preference, AdaKV).
+SPLIT_PER_LAYER = {
+    "maskkv_engine/kv/prefill_capture.py cpu": "the layer's scores / preference for the allocator: one read per "
+    "layer and request (the split is host math)",
+    "maskkv_engine/kv/prefill_capture.py int": "host: the layer's total budget",
+    "maskkv_engine/kv/budgets.py bool": "host: the allocator's integer split",
+    "maskkv_engine/kv/budgets.py int": "host: the allocator's integer split",
+}
+# The step that finishes a request: its output tokens from its canvas.
+FINISHING = {
+    "maskkv_engine/request.py tolist": "host: the finished request's tokens",
+    "maskkv_engine/engine/output_processor.py tolist": "host: the finished request's tokens",
+}
+DEVICE_READS = {"maskkv_engine/sampling/sampler.py cpu", "maskkv_engine/kv/prefill_capture.py cpu"}
+HOST_ONLY = {
+    site
+    for site in {**CACHED_STEP, **FIRST_PASS, **SPLIT_PER_LAYER, **FINISHING}
+    if site not in DEVICE_READS and not site.endswith("to(device)")
+}
+
+
+def by_site(counts: dict[str, int]) -> Counter[str]:
+    """'path:line method' -> 'path method' (what a step reads where, robust to edits that move lines)."""
+    out: Counter[str] = Counter()
+    for key, n in counts.items():
+        where, method = key.rsplit(" ", 1)
+        out[f"{where.rsplit(':', 1)[0]} {method}"] += n
+    return out
+
+
 def per_step(engine, ids_list: list[list[int]], params) -> dict:
     """Run the requests to the end, counting syncs of the first (full-pass) step and of the denoise steps
     apart. Returns {'first_step': {...}, 'denoise_steps': {...}, 'num_denoise_steps': n, 'batch': b}."""
@@ -132,4 +189,12 @@ def per_step(engine, ids_list: list[list[int]], params) -> dict:
         "num_denoise_steps": steps - 1,
         "first_step_total": sum(first.values()),
         "per_denoise_step": sum(denoise.values()) / max(steps - 1, 1),
+        # on the CPU, what would read the device on a GPU: the count less host-only reads and queued copies
+        "device_reads_per_denoise_step": sum(n for site, n in by_site(denoise).items() if _reads_device(site))
+        / max(steps - 1, 1),
+        "first_step_device_reads": sum(n for site, n in by_site(first).items() if _reads_device(site)),
     }
+
+
+def _reads_device(site: str) -> bool:
+    return site not in HOST_ONLY and not site.endswith("to(device)")

@@ -152,20 +152,20 @@ def test_logprobs_are_the_log_softmax_at_the_commit_step(llm):
     computed here directly from the logits the sampler received."""
     eng = llm.llm_engine
     seen: dict[int, torch.Tensor] = {}  # absolute position -> logits row of the step that committed it
-    commit = eng.sampler.commit
+    write = eng.sampler.write
 
-    def spy(request, positions, logits):
-        committed = commit(request, positions, logits)
+    def spy(request, positions, chosen, tokens, logits):
+        committed = write(request, positions, chosen, tokens, logits)
         rows = {p: i for i, p in enumerate(positions.cpu().tolist())}
         for p in committed.tolist():
             seen[p] = logits[rows[p]].detach().float().cpu().clone()
         return committed
 
-    eng.sampler.commit = spy
+    eng.sampler.write = spy
     try:
         out = _gen(llm, PROMPT, gen_length=8, steps=4, ignore_eos=True, logprobs=3, temperature=0.7, seed=1)
     finally:
-        eng.sampler.commit = commit
+        eng.sampler.write = write
     c = out.outputs[0]
     assert len(c.logprobs) == len(c.token_ids) == 8
     prompt_len = len(out.prompt_token_ids)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from maskkv_engine.attention.metadata import AttentionMetadata
+from maskkv_engine.attention.transfer import to_device
 
 if TYPE_CHECKING:
     from maskkv_engine.attention.backend import AttentionBackend
@@ -41,24 +42,24 @@ def chunked_attention(
     chunk: int,
 ) -> torch.Tensor:
     """``backend.forward`` with the queries of long full-pass sequences taken ``chunk`` rows at a time."""
-    q_lens = meta.q.lens.tolist()
-    held = [0] * len(q_lens) if meta.block_tables is None else meta.cached_lens[layer].sum(dim=-1).tolist()
+    q_cu, kv_cu = meta.q.offsets, meta.kv.offsets  # host lists: planning reads nothing from the device
+    q_lens = [b - a for a, b in zip(q_cu, q_cu[1:])]
+    cached = meta.cached_lens if meta.cached_lens_host is None else meta.cached_lens_host
+    held = [0] * len(q_lens) if meta.block_tables is None else cached[layer].sum(dim=-1).tolist()
     long = [s for s, n in enumerate(q_lens) if n > chunk and held[s] == 0]
     if not long:
         return backend.forward(layer, q, k, v, meta)
-    q_cu, kv_cu = meta.q.cu.tolist(), meta.kv.cu.tolist()
     out = q.new_empty(q.shape)
     rest = [s for s in range(len(q_lens)) if s not in set(long)]
     if rest:
-        q_rows = torch.cat([torch.arange(q_cu[s], q_cu[s + 1]) for s in rest]).to(q.device)
-        kv_rows = torch.cat([torch.arange(kv_cu[s], kv_cu[s + 1]) for s in rest]).to(q.device)
-        seqs = torch.tensor(rest, device=q.device)
+        host = [torch.cat([torch.arange(cu[s], cu[s + 1]) for s in rest]) for cu in (q_cu, kv_cu)]
+        q_rows, kv_rows, seqs = to_device([*host, torch.tensor(rest)], q.device)
         sub = AttentionMetadata.build(
             [q_lens[s] for s in rest],
             q.device,
             kv_lens=[kv_cu[s + 1] - kv_cu[s] for s in rest],
             block_tables=None if meta.block_tables is None else meta.block_tables[:, seqs],
-            cached_lens=None if meta.cached_lens is None else meta.cached_lens[:, seqs],
+            cached_lens=None if meta.cached_lens is None else cached[:, rest if cached.device.type == "cpu" else seqs],
             k_pool=meta.k_pool,
             v_pool=meta.v_pool,
         )

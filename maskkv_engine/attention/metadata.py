@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from maskkv_engine.attention.transfer import to_device
+
 if TYPE_CHECKING:
     from maskkv_engine.attention.backend import AttentionBackend
 
@@ -30,42 +32,46 @@ PAD_MULTIPLE = 64  # per-sequence padding used by tiled backends; fixed so tiles
 
 
 class RowLayout:
-    """Varlen layout of one packed tensor: ``lens`` [S], ``cu`` [S+1] (and ``offsets``, the same as a Python
-    list), ``index`` [S, Lpad] (packed row of each sequence's j-th entry, padding points at row 0), ``valid``
-    [S, Lpad]. Lpad % PAD_MULTIPLE == 0. ``index`` / ``valid`` are built on first use: the torch backend
-    never reads them, and a step builds a layout per layer when refresh strategies reshape it."""
+    """Varlen layout of one packed tensor: ``lens`` [S], ``cu`` [S+1] (on the device; ``offsets`` is ``cu`` as a
+    host list), ``index`` [S, Lpad] (packed row of each sequence's j-th entry, padding points at row 0),
+    ``valid`` [S, Lpad]. Lpad % PAD_MULTIPLE == 0. ``index`` / ``valid`` are built on the device on first use,
+    Lpad from the host offsets: the torch backend never reads them, and nothing is read back."""
 
-    def __init__(
-        self,
-        lens: torch.Tensor,
-        cu: torch.Tensor,
-        index: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None,
-        offsets: list[int] | None = None,
-    ):
+    def __init__(self, lens: torch.Tensor, cu: torch.Tensor, offsets: list[int]):
         self.lens = lens
         self.cu = cu
-        self._index = index
-        self._valid = valid
-        self.offsets = cu.tolist() if offsets is None else offsets
+        self.offsets = offsets
+        self._index: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+
+    @staticmethod
+    def host(lens: list[int]) -> tuple[list[int], torch.Tensor]:
+        """(offsets, the host tensor [lens..., offsets...]) that ``from_device`` splits once it is moved."""
+        offsets = [0, *itertools.accumulate(lens)]
+        return offsets, torch.tensor([*lens, *offsets], dtype=torch.long)
+
+    @classmethod
+    def from_device(cls, offsets: list[int], moved: torch.Tensor) -> RowLayout:
+        """The layout from the moved ``host`` tensor (its two halves are views of it)."""
+        n = len(offsets) - 1
+        return cls(moved[:n], moved[n:], offsets)
 
     @classmethod
     def build(cls, lens: list[int], device: torch.device) -> RowLayout:
-        offsets = [0, *itertools.accumulate(lens)]
-        return cls(
-            torch.tensor(lens, dtype=torch.long, device=device),
-            torch.tensor(offsets, dtype=torch.long, device=device),
-            offsets=offsets,
-        )
+        offsets, host = cls.host(lens)
+        (moved,) = to_device([host], device)
+        return cls.from_device(offsets, moved)
 
     def _build_index(self) -> None:
-        lens = self.lens.cpu()
-        longest = int(lens.max()) if lens.numel() else 0
+        lens = [b - a for a, b in zip(self.offsets, self.offsets[1:])]
+        longest = max(lens, default=0)
         lpad = max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
-        j = torch.arange(lpad)
-        valid = j[None, :] < lens[:, None]
-        index = torch.where(valid, self.cu.cpu()[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long))
-        self._index, self._valid = index.to(self.cu.device), valid.to(self.cu.device)
+        j = torch.arange(lpad, device=self.cu.device)
+        valid = j[None, :] < self.lens[:, None]
+        self._index = torch.where(
+            valid, self.cu[:-1, None] + j[None, :], torch.zeros((), dtype=torch.long, device=j.device)
+        )
+        self._valid = valid
 
     @property
     def index(self) -> torch.Tensor:
@@ -78,12 +84,6 @@ class RowLayout:
         if self._valid is None:
             self._build_index()
         return self._valid
-
-    def select(self, seqs: torch.Tensor) -> RowLayout:
-        """Some sequences only (rows still index the whole packed tensor; padding shrinks to fit)."""
-        lens = self.lens[seqs]
-        lpad = max(PAD_MULTIPLE, -(-int(lens.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)
-        return RowLayout(lens, self.cu, self.index[seqs, :lpad], self.valid[seqs, :lpad])
 
 
 @dataclass
@@ -103,6 +103,7 @@ class AttentionMetadata:
     cached_lens: torch.Tensor | None = None
     k_pool: torch.Tensor | None = None
     v_pool: torch.Tensor | None = None
+    cached_lens_host: torch.Tensor | None = None  # the same on the host (planning without a device read)
 
     # the q layout, under the names varlen kernels use
     @property
@@ -134,18 +135,6 @@ class AttentionMetadata:
         assert self.k_pool is not None
         return int(self.k_pool.shape[1])
 
-    def select(self, seqs: torch.Tensor) -> AttentionMetadata:
-        """The same call restricted to some sequences (used to bucket sequences by length)."""
-        q = self.q.select(seqs)
-        return AttentionMetadata(
-            q=q,
-            kv=q if self.same_layout else self.kv.select(seqs),
-            block_tables=None if self.block_tables is None else self.block_tables[:, seqs],
-            cached_lens=None if self.cached_lens is None else self.cached_lens[:, seqs],
-            k_pool=self.k_pool,
-            v_pool=self.v_pool,
-        )
-
     @classmethod
     def build(
         cls,
@@ -157,16 +146,44 @@ class AttentionMetadata:
         k_pool: torch.Tensor | None = None,
         v_pool: torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        q = RowLayout.build(seq_lens, device)
-        kv = q if kv_lens is None or kv_lens == seq_lens else RowLayout.build(kv_lens, device)
-        return cls(
+        """From host lists / tensors (block_tables [L, S, H_kv, P], cached_lens [L, S, H_kv]), in one copy."""
+        meta, _ = cls.build_with(seq_lens, device, [], kv_lens, block_tables, cached_lens, k_pool, v_pool)
+        return meta
+
+    @classmethod
+    def build_with(
+        cls,
+        seq_lens: list[int],
+        device: torch.device,
+        extra: list[torch.Tensor],
+        kv_lens: list[int] | None = None,
+        block_tables: torch.Tensor | None = None,
+        cached_lens: torch.Tensor | None = None,
+        k_pool: torch.Tensor | None = None,
+        v_pool: torch.Tensor | None = None,
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """``build``, moving the host tensors ``extra`` (the step's token ids, positions...) in the same copy;
+        returns the metadata and ``extra`` on the device. ``cached_lens_host`` keeps the host copy of
+        ``cached_lens`` for backends that plan on the host."""
+        same = kv_lens is None or kv_lens == seq_lens
+        q_offsets, q_host = RowLayout.host(seq_lens)
+        kv_offsets, kv_host = (q_offsets, q_host) if same else RowLayout.host(kv_lens)
+        host = [q_host, *([] if same else [kv_host])]
+        paged = [] if block_tables is None else [block_tables, cached_lens]
+        moved = to_device([*host, *paged, *extra], device)
+        q = RowLayout.from_device(q_offsets, moved[0])
+        kv = q if same else RowLayout.from_device(kv_offsets, moved[1])
+        tables = moved[len(host) : len(host) + len(paged)]
+        meta = cls(
             q=q,
             kv=kv,
-            block_tables=None if block_tables is None else block_tables.to(device),
-            cached_lens=None if cached_lens is None else cached_lens.to(device),
+            block_tables=tables[0] if paged else None,
+            cached_lens=tables[1] if paged else None,
             k_pool=k_pool,
             v_pool=v_pool,
+            cached_lens_host=cached_lens if paged and cached_lens.device.type == "cpu" else None,
         )
+        return meta, moved[len(host) + len(paged) :]
 
 
 @dataclass

@@ -50,7 +50,8 @@ class _Pages:
 
     def __init__(self, layer: int, meta: AttentionMetadata, compute: torch.dtype, workspace: dict):
         assert meta.k_pool is not None and meta.v_pool is not None and meta.cached_lens is not None
-        self.lens: list[list[int]] = meta.cached_lens[layer].tolist()  # [S][H_kv]
+        lens = meta.cached_lens if meta.cached_lens_host is None else meta.cached_lens_host  # host: no device read
+        self.lens: list[list[int]] = lens[layer].tolist()  # [S][H_kv]
         self.tables = meta.block_tables[layer]  # [S, H_kv, P]
         self.k_pool, self.v_pool = meta.k_pool, meta.v_pool
         self.block_size = meta.block_size

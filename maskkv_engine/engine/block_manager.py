@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maskkv_engine.attention.transfer import to_device
+
 
 class OutOfPagesError(RuntimeError):
     pass
@@ -184,13 +186,10 @@ class BlockManager:
             kv.pages[layer][h] = ids[start : start + n]
             start += n
         kv.lens[layer] = lens
-        kv.positions[layer] = None if positions is None else positions.cpu()
+        kv.positions[layer] = positions  # where the caller made them (the device): read only by a refresh
         kv._table = None
         if need:
-            page_ids = torch.tensor(ids, device=self.k_pool.device)
-            self.k_pool[page_ids] = 0
-            self.v_pool[page_ids] = 0
-            self._write_rows(kv.pages[layer], k, v, lens)
+            self._write_rows(kv.pages[layer], k, v, lens, zero=torch.tensor(ids))
         self._update_peak()
 
     def _check_rows(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
@@ -202,7 +201,12 @@ class BlockManager:
         if bool((lens < 0).any()) or int(lens.max()) > k.shape[1]:
             raise ValueError(f"kept lengths {lens.tolist()} must be in [0, {k.shape[1]}] (the rows given)")
 
-    def _write_rows(self, pages: list[list[int]], k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
+    def _write_rows(
+        self, pages: list[list[int]], k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, zero=None
+    ) -> None:
+        """Write each head's first ``lens[h]`` rows of k, v [H, n_max, D] into its pages (after zeroing the
+        page ids ``zero``). Where each row goes is index math on the host, moved in one copy: no boolean
+        mask on the device (a nonzero, so a sync, each)."""
         n_max = k.shape[1]
         width = max(len(p) for p in pages)
         table = torch.zeros(len(pages), max(width, 1), dtype=torch.long)
@@ -210,13 +214,16 @@ class BlockManager:
             if p:
                 table[h, : len(p)] = torch.tensor(p)
         t = torch.arange(n_max)
-        valid = t[None, :] < lens[:, None]  # [H, n_max]
-        page = table.gather(1, (t // self.block_size).clamp(max=table.shape[1] - 1)[None, :].expand(len(pages), -1))
-        slots = (page * self.block_size + t % self.block_size)[valid].to(self.k_pool.device)
-        valid = valid.to(k.device)
+        heads, rows = (t[None, :] < lens[:, None]).nonzero(as_tuple=True)  # host: the mask's order
+        slots = table[heads, rows // self.block_size] * self.block_size + rows % self.block_size
+        zero = torch.zeros(0, dtype=torch.long) if zero is None else zero
+        slots, heads, rows, zero = to_device([slots, heads, rows, zero], self.k_pool.device)
         d = self.head_dim
-        self.k_pool.view(-1, d)[slots] = k[valid].to(self.k_pool.dtype)
-        self.v_pool.view(-1, d)[slots] = v[valid].to(self.v_pool.dtype)
+        if zero.numel():
+            self.k_pool[zero] = 0
+            self.v_pool[zero] = 0
+        self.k_pool.view(-1, d)[slots] = k[heads, rows].to(self.k_pool.dtype)
+        self.v_pool.view(-1, d)[slots] = v[heads, rows].to(self.v_pool.dtype)
 
     def rewrite(self, request_id: str, layer: int, k_seq: torch.Tensor, v_seq: torch.Tensor) -> None:
         """Overwrite a layer's kept rows in place with fresh K/V of the same positions (a refresh).
@@ -227,8 +234,8 @@ class BlockManager:
         pos = kv.positions[layer]
         if pos is None or not any(kv.pages[layer]):
             return
-        heads = torch.arange(pos.shape[0])[:, None].expand_as(pos).to(k_seq.device)
-        pos = pos.to(k_seq.device)
+        heads = torch.arange(pos.shape[0])[:, None].expand_as(pos)
+        pos, heads = to_device([pos, heads], k_seq.device)
         self._write_rows(kv.pages[layer], k_seq[pos, heads], v_seq[pos, heads], kv.lens[layer])  # [H, n_max, D]
 
     def kept(self, request_id: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,7 +246,7 @@ class BlockManager:
         table = kv.block_table()[layer]  # [H, P]
         t = torch.arange(n_max)
         page = table.gather(1, (t // self.block_size).clamp(max=table.shape[1] - 1)[None, :].expand(table.shape[0], -1))
-        slots = (page * self.block_size + t % self.block_size).to(self.k_pool.device)
+        (slots,) = to_device([page * self.block_size + t % self.block_size], self.k_pool.device)
         d = self.head_dim
         k = self.k_pool.view(-1, d)[slots]
         v = self.v_pool.view(-1, d)[slots]

@@ -14,6 +14,7 @@ import torch
 
 from maskkv_engine.attention.selector import get_attention_backend
 from maskkv_engine.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from maskkv_engine.engine import gpu_memory
 from maskkv_engine.engine.block_manager import BlockManager
 from maskkv_engine.engine.input_processor import InputProcessor, PromptType
 from maskkv_engine.engine.model_runner import NativeModelRunner
@@ -26,6 +27,7 @@ from maskkv_engine.kv.profile import load_profile
 from maskkv_engine.kv.registry import get_policy
 from maskkv_engine.models.loader import load_config, load_model, resolve_dtype
 from maskkv_engine.outputs import RequestOutput
+from maskkv_engine.refresh.registry import get_refresh
 from maskkv_engine.request import Request
 from maskkv_engine.sampling.sampler import Sampler
 from maskkv_engine.sampling_params import SamplingParams
@@ -137,7 +139,9 @@ class LLMEngine:
             num_pages = cache.num_pages
         elif cache.kv_memory_bytes is not None:
             num_pages = cache.kv_memory_bytes // page_bytes
-        elif self.device.type == "cuda":
+        elif self.device.type == "cuda" and self.model is not None:
+            num_pages = self._gpu_pages(page_bytes)
+        elif self.device.type == "cuda":  # another engine runs the forward: no profile of ours to measure
             util = cache.gpu_memory_utilization or 0.9
             free, total = torch.cuda.mem_get_info(self.device)
             used_elsewhere = total - free
@@ -153,6 +157,26 @@ class LLMEngine:
         return BlockManager(
             num_pages, cache.block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
+
+    def _gpu_pages(self, page_bytes: int) -> int:
+        """Pages from the device's memory after the weights and a profile of the largest step (gpu_memory.py)."""
+        cfg, sched = self.model_config, self.config.scheduler
+        tokens = max(sched.max_num_batched_tokens, self.max_model_len)
+        rows = min(tokens, sched.max_num_seqs * gpu_memory.CANDIDATES_PER_SEQ)
+        kv_shape = (cfg.num_kv_heads, cfg.head_dim)
+        chunk = self.config.prefill_chunk_size
+        mem = gpu_memory.measure(
+            self.model,
+            lambda: gpu_memory.profile_step(self.model, self.backend, tokens, rows, kv_shape, chunk),
+            self.device,
+        )
+        per_token = get_refresh(self.config.refresh, self.config.refresh_config).cache_bytes_per_token(
+            cfg, self.dtype.itemsize
+        )
+        util = self.config.cache.gpu_memory_utilization or 0.9
+        pages = gpu_memory.pool_pages(mem, util, per_token * sched.max_num_batched_tokens, page_bytes)
+        logger.info("KV pool: %d pages (%s, utilization %.2f)", pages, mem, util)
+        return pages
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(

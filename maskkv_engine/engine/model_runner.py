@@ -75,12 +75,14 @@ class NativeModelRunner:
         req = item.request
         start, end = item.layers
         n = req.num_tokens
-        meta = AttentionMetadata.build([n], self.device)
-        positions = torch.arange(n, device=self.device)
+        cand = req.state.candidates(req.tokens, req.mask_id)
+        meta, (positions, tokens, rows) = AttentionMetadata.build_with(
+            [n], self.device, [torch.arange(n), req.tokens, self.config.logit_rows(cand)]
+        )
         if req.prefill is None:
             target = CaptureTarget(req.request_id, 0, req.policy_ctx, req.kv_plan, req.collect_stats)
             capture = PrefillCapture(self.policy, self.block_manager, [target])
-            req.prefill = PrefillProgress(self.model.embed(req.tokens.to(self.device)), 0, capture)
+            req.prefill = PrefillProgress(self.model.embed(tokens), 0, capture)
         progress = req.prefill
         assert progress.next_layer == start, "layer chunks run in order"
         # the refresh state sees every layer of the first pass (it caches per-layer state there), split or not
@@ -94,8 +96,7 @@ class NativeModelRunner:
         hooks.finalize()
         req.prefill = None
         req.metrics.kv_tokens_kept = progress.capture.targets[0].kept_tokens
-        cand = req.state.candidates(req.tokens, req.mask_id)
-        logits = self.model.compute_logits(progress.hidden[self.config.logit_rows(cand).to(self.device)])
+        logits = self.model.compute_logits(progress.hidden[rows])
         return StepResult(positions=cand, logits=logits)
 
     def _context(self, meta: AttentionMetadata, hooks: StepContext) -> ForwardContext:
@@ -136,18 +137,16 @@ class NativeModelRunner:
                 sequences.append(PlannedSequence(req.request_id, row, n, req.refresh_state if b == 0 else None))
                 row += n
 
-        meta = self._metadata(scheduled, seq_lens, uses_pages)
+        inputs = [torch.cat(ids), torch.cat(pos), torch.cat(logit_rows)]
+        meta, (input_ids, positions, all_rows) = self._metadata(scheduled, seq_lens, uses_pages, inputs)
         capture = PrefillCapture(self.policy, self.block_manager, targets) if targets else None
         hooks = StepContext(sequences, meta, capture)
-        input_ids = torch.cat(ids).to(self.device)
-        positions = torch.cat(pos).to(self.device)
         with set_forward_context(self._context(meta, hooks)):
             hidden = self.model(input_ids, positions)
         hooks.finalize()
         for t in targets:
             if not t.rewrite:
                 self._request_by_id(scheduled, t.request_id).metrics.kv_tokens_kept = t.kept_tokens
-        all_rows = torch.cat(logit_rows).to(self.device)
         logits = self.model.compute_logits(hidden[all_rows])
         return self._split(scheduled, candidates, logits)
 
@@ -169,10 +168,13 @@ class NativeModelRunner:
             results.append(StepResult(positions=cand, logits=out))
         return results
 
-    def _metadata(self, scheduled, seq_lens: list[int], uses_pages: list[bool]) -> AttentionMetadata:
+    def _metadata(
+        self, scheduled, seq_lens: list[int], uses_pages: list[bool], inputs: list[torch.Tensor]
+    ) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """The step's metadata and ``inputs`` on the device: built on the host, moved in one copy."""
         bm = self.block_manager
         if bm is None or not any(uses_pages):
-            return AttentionMetadata.build(seq_lens, self.device)
+            return AttentionMetadata.build_with(seq_lens, self.device, inputs)
         tables, lens = [], []
         empty_table = torch.zeros(self.config.num_layers, self.config.num_kv_heads, 1, dtype=torch.long)
         empty_lens = torch.zeros(self.config.num_layers, self.config.num_kv_heads, dtype=torch.long)
@@ -190,9 +192,10 @@ class NativeModelRunner:
                 seq += 1
         width = max(t.shape[-1] for t in tables)
         padded = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tables], dim=1)
-        return AttentionMetadata.build(
+        return AttentionMetadata.build_with(
             seq_lens,
             self.device,
+            inputs,
             block_tables=padded,  # [L, S, H_kv, P]
             cached_lens=torch.stack(lens, dim=1),  # [L, S, H_kv]
             k_pool=bm.k_pool,

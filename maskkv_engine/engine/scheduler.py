@@ -166,6 +166,7 @@ class Scheduler:
         for req, error in out.failed:
             self._fail(req, error, update)
         done = time.monotonic()
+        chosen = []  # (item, result, the sampler's choice still on the device)
         for item, result in zip(out.scheduled, results):
             if result is None:
                 continue
@@ -173,14 +174,22 @@ class Scheduler:
                 self._fail(item.request, result.error, update)
                 continue
             try:
-                self._apply(item, result, out.time, done, update)
+                chosen.append((item, result, self.sampler.choose(item.request, result.logits)))
+            except Exception as error:  # this request's own rule: it alone ends
+                self._fail(item.request, error, update)
+        host = self.sampler.to_host([choice for _, _, choice in chosen])  # the step's one read of the device
+        for (item, result, _), picked in zip(chosen, host):
+            try:
+                self._apply(item, result, picked, out.time, done, update)
             except Exception as error:  # this request's own bookkeeping: it alone ends
                 self._fail(item.request, error, update)
         if self.block_manager is not None and any(isinstance(r, StepFailure) for r in results):
             self.block_manager.set_transient_bytes(0)  # the failed pass's full-layer KV is gone
         return update
 
-    def _apply(self, item: ScheduledRequest, result, scheduled: float, done: float, update: SchedulerUpdate) -> None:
+    def _apply(
+        self, item: ScheduledRequest, result, picked, scheduled: float, done: float, update: SchedulerUpdate
+    ) -> None:
         req = item.request
         m = req.metrics
         m.num_steps += 1
@@ -192,7 +201,7 @@ class Scheduler:
             req.kv_ready = True
         if self.block_manager is not None:
             m.kv_pages_peak = max(m.kv_pages_peak, self.block_manager.request_pages(req.request_id))
-        committed = self.sampler.commit(req, result.positions, result.logits)
+        committed = self.sampler.write(req, result.positions, *picked, result.logits)
         m.committed_per_step.append(int(committed.numel()))
         state = req.refresh_state
         state.after_step(self.num_layers, committed)

@@ -14,6 +14,7 @@ import torch
 
 from maskkv_engine.attention.hooks import StepHooks
 from maskkv_engine.attention.metadata import AttentionMetadata, RowLayout
+from maskkv_engine.attention.transfer import to_device
 from maskkv_engine.kv.prefill_capture import PrefillCapture
 from maskkv_engine.refresh.base import RefreshState
 
@@ -42,6 +43,7 @@ class StepContext(StepHooks):
         self._rows: dict[int, torch.Tensor | None] = {}
         self._local_rows: dict[int, list[torch.Tensor | None]] = {}
         self._computed_offset: dict[int, dict[int, int]] = {}  # layer -> packed offset -> offset in computed rows
+        self._layout_cache: dict[tuple, tuple[RowLayout, RowLayout]] = {}  # (q lens, kv lens) -> layouts
 
     # ---- StepHooks -------------------------------------------------------------------------------
     def prepare_attention(self, layer, q, k, v, meta):
@@ -79,8 +81,7 @@ class StepContext(StepHooks):
         self._rows[layer] = None if all_rows.numel() == q.shape[0] and all(r is None for r in local_rows) else all_rows
         self._local_rows[layer] = local_rows
         self._computed_offset[layer] = computed_offset
-        q_layout = RowLayout.build(q_lens, q.device)
-        kv_layout = q_layout if kv_lens == q_lens else RowLayout.build(kv_lens, q.device)
+        q_layout, kv_layout = self._layouts(q_lens, kv_lens, q.device)
         new_meta = AttentionMetadata(
             q=q_layout,
             kv=kv_layout,
@@ -90,6 +91,23 @@ class StepContext(StepHooks):
             v_pool=meta.v_pool,
         )
         return torch.cat(qs), torch.cat(ks), torch.cat(vs), new_meta
+
+    def _layouts(self, q_lens: list[int], kv_lens: list[int], device: torch.device) -> tuple[RowLayout, RowLayout]:
+        """The layouts of these lengths, built once per step: strategies that recompute the same number of rows
+        at every layer (dual cache, dLLM-Cache) reuse the first layer's, instead of a copy per layer."""
+        key = (tuple(q_lens), tuple(kv_lens))
+        if key not in self._layout_cache:
+            q_offsets, q_host = RowLayout.host(q_lens)
+            if kv_lens == q_lens:
+                (moved,) = to_device([q_host], device)
+                q_layout = kv_layout = RowLayout.from_device(q_offsets, moved)
+            else:
+                kv_offsets, kv_host = RowLayout.host(kv_lens)
+                moved_q, moved_kv = to_device([q_host, kv_host], device)
+                q_layout = RowLayout.from_device(q_offsets, moved_q)
+                kv_layout = RowLayout.from_device(kv_offsets, moved_kv)
+            self._layout_cache[key] = (q_layout, kv_layout)
+        return self._layout_cache[key]
 
     def rows(self, layer: int) -> torch.Tensor | None:
         return self._rows.get(layer)

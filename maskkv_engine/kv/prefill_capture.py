@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from maskkv_engine.attention.hooks import StepHooks
+from maskkv_engine.attention.transfer import to_device
 from maskkv_engine.kv.base import KVPolicy
 from maskkv_engine.kv.page_store import PageStore
 from maskkv_engine.kv.types import BudgetPlan, ModelStats, PolicyContext
@@ -69,8 +70,8 @@ class PrefillCapture(StepHooks):
                 continue
             qs, ks, vs = q[t.rows], k[t.rows], v[t.rows]
             scores, preference = self._score(qs, ks, t)
-            if t.collect_stats:
-                t.preference.append(preference)
+            if t.collect_stats:  # statistics are host math (calibration, online plans)
+                t.preference.append(preference.cpu())
             if t.plan is not None:
                 self._keep(t, layer, ks, vs, scores, t.plan, preference)
             else:
@@ -122,7 +123,8 @@ class PrefillCapture(StepHooks):
         self, qs: torch.Tensor, ks: torch.Tensor, t: CaptureTarget
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-KV-head scores of the cached keys [H_kv, n_cached] (None if the policy keeps everything),
-        and, when collecting statistics, each head's prompt preference [H_kv]."""
+        and, when collecting statistics, each head's prompt preference [H_kv]. Both stay on the device: one
+        head at a time bounds the probabilities' memory, and nothing is read back per head."""
         ctx = t.ctx
         want_scores = self.policy.needs_scores
         want_preference = t.collect_stats or (t.plan is not None and t.plan.needs_preference)
@@ -134,8 +136,8 @@ class PrefillCapture(StepHooks):
         group = qs.shape[1] // n_kv
         scale = 1.0 / math.sqrt(qs.shape[-1])
         compute = torch.float64 if qs.dtype == torch.float64 else torch.float32
-        scores = torch.empty(n_kv, ctx.n_cached, dtype=compute) if want_scores else None
-        preference = torch.empty(n_kv, dtype=torch.float64) if want_preference else None
+        scores = torch.empty(n_kv, ctx.n_cached, dtype=compute, device=qs.device) if want_scores else None
+        preference = torch.empty(n_kv, dtype=torch.float64, device=qs.device) if want_preference else None
         for h in range(n_kv):
             keys = ks[:, h].to(compute)  # [N, D]
             heads = slice(h * group, (h + 1) * group)
@@ -146,11 +148,11 @@ class PrefillCapture(StepHooks):
 
             probs = probs_for(obs) if want_scores else None
             if want_scores:
-                scores[h] = self.policy.score(probs, ctx).cpu()
+                scores[h] = self.policy.score(probs, ctx)
             if want_preference:
                 mprobs = probs if (want_scores and obs == mask) else probs_for(mask)
                 # share of the mask queries' attention mass on the (cacheable) prompt keys
-                preference[h] = float(mprobs[:, :, : ctx.n_cached].sum(-1).mean())
+                preference[h] = mprobs[:, :, : ctx.n_cached].sum(-1).mean()
         return scores, preference
 
     # ---- selection and storage -------------------------------------------------------------------
@@ -158,31 +160,42 @@ class PrefillCapture(StepHooks):
         n = t.ctx.n_cached
         self._keep_selected(t, layer, ks[:n], vs[:n], scores, plan, preference)
 
+    @staticmethod
+    def _to_host(scores: torch.Tensor | None, preference: torch.Tensor | None) -> tuple:
+        """(scores, preference) on the host from one copy (packed as float64: exact for both)."""
+        given = [x for x in (scores, preference) if x is not None]
+        if not given:
+            return scores, preference
+        host = torch.cat([x.double().reshape(-1) for x in given]).cpu()
+        out = iter(host.split([x.numel() for x in given]))
+        return tuple(None if x is None else next(out).view(x.shape).to(x.dtype) for x in (scores, preference))
+
     def _keep_selected(self, t: CaptureTarget, layer: int, kc, vc, scores, plan: BudgetPlan, preference=None) -> None:
         """kc, vc: [n_cached, H_kv, D] of one layer; store the top-``budget`` of each head. ``preference``:
-        this request's prompt preference [H_kv] at the layer (for plans that split heads by it)."""
+        this request's prompt preference [H_kv] at the layer (for plans that split heads by it). The top-k
+        runs on the device; the kept positions come to the host once per layer, with the page write."""
         if plan.per_head is not None:
             lens = plan.per_head[layer]
-        else:
-            lens = self.policy.split_heads(layer, int(plan.per_layer[layer]), scores, t.ctx, preference)
+        else:  # the allocator's split is host math over this layer's scores and preference: one copy
+            host_scores, host_preference = self._to_host(scores, preference)
+            lens = self.policy.split_heads(layer, int(plan.per_layer[layer]), host_scores, t.ctx, host_preference)
         lens = lens.clamp(0, t.ctx.n_cached).to(torch.long)
-        n_kv, d = kc.shape[1], kc.shape[2]
-        width = max(int(lens.max()), 1)
-        k_rows = kc.new_zeros(n_kv, width, d)
-        v_rows = vc.new_zeros(n_kv, width, d)
-        positions = torch.zeros(n_kv, width, dtype=torch.long)
-        for h in range(n_kv):
-            keep = int(lens[h])
+        n_kv = kc.shape[1]
+        keeps = lens.tolist()
+        width = max(max(keeps), 1)
+        positions = torch.zeros(n_kv, width, dtype=torch.long, device=kc.device)
+        for h, keep in enumerate(keeps):
             if keep == 0:
                 continue
             if scores is None or keep >= t.ctx.n_cached:
-                idx = torch.arange(keep)
+                positions[h, :keep] = torch.arange(keep, device=kc.device)
             else:
-                idx = torch.topk(scores[h], keep).indices.sort().values
-            positions[h, :keep] = idx
-            idx = idx.to(kc.device)
-            k_rows[h, :keep] = kc[idx, h]
-            v_rows[h, :keep] = vc[idx, h]
-        t.kept_tokens += int(lens.sum())
+                positions[h, :keep] = torch.topk(scores[h], keep).indices.sort().values
+        (kept,) = to_device([torch.arange(width)[None, :] < lens[:, None]], kc.device)  # [H_kv, width]
+        heads = torch.arange(n_kv, device=kc.device)[:, None]
+        kept = kept.bool()[..., None]
+        k_rows = torch.where(kept, kc[positions, heads], 0)  # [H_kv, width, D], zero past each head's length
+        v_rows = torch.where(kept, vc[positions, heads], 0)
+        t.kept_tokens += sum(keeps)
         if self.pages is not None:
             self.pages.store(t.request_id, layer, k_rows, v_rows, lens, positions)

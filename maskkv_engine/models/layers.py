@@ -83,10 +83,11 @@ class RotaryEmbedding(nn.Module):
         """Per-token (cos, sin), shaped [T, 1, head_dim] to broadcast over heads."""
         # float64 models (used by exactness tests) rotate in float64 end to end.
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq  # a buffer: on the positions' device already
         if table_dtype == torch.float64:
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-        freqs = positions.to(table_dtype)[:, None] * inv_freq.to(positions.device)[None, :]
+            j = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=positions.device)
+            inv_freq = 1.0 / (self.theta ** (j / self.head_dim))
+        freqs = positions.to(table_dtype)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if table_dtype == torch.float32 and not self.in_float32:

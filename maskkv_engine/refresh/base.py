@@ -110,6 +110,11 @@ class RefreshStrategy:
     def new_state(self, request: RequestView) -> RefreshState:
         return RefreshState(request)
 
+    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
+        """Bytes a request's state keeps outside the page pool per token it recomputes (0: nothing), so that
+        the pool sizing on a GPU leaves room for them (engine/gpu_memory.py)."""
+        return 0
+
     def decoding_region(self, request: RequestView) -> dict | None:
         """A decoding region other than the rule's block schedule, by name and options (Elastic's sliding
         window: ``{"region": "sliding_window", ...}``); None keeps the schedule. The engine builds it."""

@@ -117,6 +117,10 @@ class DLLMCache(RefreshStrategy):
     K_r: int = 7  # response refresh period
     rho: float = 0.25  # share of response rows V-verify recomputes between refreshes
 
+    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
+        """K, V, attention and MLP outputs of every layer for the response rows."""
+        return cfg.num_layers * 2 * (cfg.num_kv_heads * cfg.head_dim + cfg.hidden_size) * dtype_bytes
+
     def __post_init__(self) -> None:
         for name in ("K_p", "K_r"):
             value = getattr(self, name)

@@ -199,6 +199,10 @@ class ElasticCache(RefreshStrategy):
     early_stop: bool = True  # masks after the first committed EOS are never decoded
     stop_tokens: str = "eos"  # what early_stop cuts at: 'eos' (the model's EOS, official) or 'all' (every stop id)
 
+    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
+        """q, K, V and the layer input of every layer for the active rows."""
+        return cfg.num_layers * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.hidden_size) * dtype_bytes
+
     def __post_init__(self) -> None:
         if not isinstance(self.gamma, (int, float)):
             raise ValueError(f"gamma={self.gamma!r} must be a number")

@@ -71,6 +71,10 @@ class FastDLLMState(RefreshState):
 class FastDLLM(RefreshStrategy):
     name = "fast_dllm"
 
+    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
+        """K and V of every layer for the cached positions."""
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
     def new_state(self, request) -> RefreshState:
         return FastDLLMState(request, dual=False)
 
@@ -78,6 +82,10 @@ class FastDLLM(RefreshStrategy):
 @dataclass
 class FastDLLMDual(RefreshStrategy):
     name = "fast_dllm_dual"
+
+    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
+        """K and V of every layer for the cached positions."""
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
     def new_state(self, request) -> RefreshState:
         return FastDLLMState(request, dual=True)

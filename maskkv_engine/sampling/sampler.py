@@ -1,16 +1,30 @@
 """Commits tokens at masked positions from a step's logits: the remasking rule of each request.
 
 One request at a time, on that request's own generator: a request's random draws, and so its tokens,
-never depend on which other requests share the batch.
+never depend on which other requests share the batch. What each request chose stays on the device until
+``to_host`` reads the whole batch's choices in one copy: the one host sync of a step (on a GPU it waits
+for the forward, so a sync per request would serialise the batch's host work behind it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from maskkv_engine.request import Request
 from maskkv_engine.sampling.logprobs import record_logprobs
 from maskkv_engine.sampling.registry import get_rule
+
+
+@dataclass
+class Choice:
+    """One request's choice, on the logits' device: candidate indices in commit order, their tokens, and how
+    many of them commit (a 0-d tensor when only the device knows it)."""
+
+    order: torch.Tensor
+    tokens: torch.Tensor
+    count: int | torch.Tensor
 
 
 class Sampler:
@@ -29,23 +43,47 @@ class Sampler:
         logits[:, self.mask_id] = float("-inf")
         return logits
 
-    def commit(self, request: Request, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """positions [C] (absolute, masked), logits [C, V] for them. The request's decoding rule chooses what
-        commits; this writes it into the request's canvas, advances its schedule, and returns the positions."""
-        scores = logits  # what the model gave: logprobs report these, not the restricted ones
+    def choose(self, request: Request, logits: torch.Tensor) -> Choice:
+        """logits [C, V] at the request's candidates. The request's decoding rule chooses what commits;
+        nothing is read to the host."""
         rule = get_rule(request.params.remasking)
-        chosen, tokens = rule.commit(
+        order, tokens, count = rule.ranked_commit(
             self.allowed(logits), request.params, request.state, request.logits_shift, request.generator
         )
-        return self._write(request, positions, chosen, tokens, scores)
+        return Choice(order, tokens, count)
 
     @staticmethod
-    def _write(request: Request, positions, chosen, tokens, logits: torch.Tensor) -> torch.Tensor:
-        chosen = chosen.cpu()
-        committed = positions.cpu()[chosen]
-        tokens = tokens.cpu().to(torch.long)
-        if request.params.logprobs is not None:  # SamplingParams.logprobs: scores at the commit step
+    def to_host(choices: list[Choice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(chosen candidate indices, their tokens) of each choice, as host int64 tensors, in one copy."""
+        if not choices:
+            return []
+        parts = [c.order.long() for c in choices] + [c.tokens.long() for c in choices]
+        counts = [c.count for c in choices]
+        parts += [c.reshape(1).long() for c in counts if isinstance(c, torch.Tensor)]
+        host = torch.cat(parts).cpu()
+        head, tail = 0, host.numel() - sum(isinstance(c, torch.Tensor) for c in counts)
+        device_counts = iter(host[tail:].tolist() if tail < host.numel() else ())
+        out = []
+        sizes = [int(c.order.numel()) for c in choices]
+        token_head = sum(sizes)
+        for size, count in zip(sizes, counts):
+            n = next(device_counts) if isinstance(count, torch.Tensor) else count
+            out.append((host[head : head + n], host[token_head : token_head + n]))
+            head += size
+            token_head += size
+        return out
+
+    def write(self, request: Request, positions, chosen, tokens, logits: torch.Tensor) -> torch.Tensor:
+        """Write host ``tokens`` at the ``chosen`` candidates of ``positions`` into the request's canvas and
+        advance its schedule; returns the committed positions."""
+        committed = positions[chosen]
+        if request.params.logprobs is not None:  # SamplingParams.logprobs: scores of the model at the commit step
             record_logprobs(request, committed, tokens, logits[chosen.to(logits.device)])
         request.tokens[committed] = tokens
         request.state.advance(request.tokens, request.mask_id)
         return committed
+
+    def commit(self, request: Request, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """One request alone: choose, read, write. positions [C] (absolute, masked, host), logits [C, V]."""
+        ((chosen, tokens),) = self.to_host([self.choose(request, logits)])
+        return self.write(request, positions, chosen, tokens, logits)

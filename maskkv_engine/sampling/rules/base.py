@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from maskkv_engine.sampling.selection import select_factor, select_sampled, select_threshold, select_top_k
+from maskkv_engine.sampling.selection import rank_factor, rank_threshold, select_sampled, select_top_k
 from maskkv_engine.sampling_params import SamplingParams
 
 LLADA, DREAM = "llada", "dream"
@@ -48,17 +48,40 @@ class DecodingRule:
         """(token, confidence) for each candidate row of ``logits`` [C, V]."""
         raise NotImplementedError
 
-    def select(self, confidence: torch.Tensor, params: SamplingParams, state, dream: bool, generator) -> torch.Tensor:
-        """Indices of the candidates that commit this step. Dream with ``alg_temp`` draws the schedule's count
-        from softmax(confidence / alg_temp) instead of taking the most confident."""
+    def rank(
+        self, confidence: torch.Tensor, params: SamplingParams, state, dream: bool, generator
+    ) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(candidates, how many of them commit): the first ``count`` indices commit. The count of the parallel
+        rules stays a 0-d device tensor, read with the batch's tokens. Dream with ``alg_temp`` draws the
+        schedule's count from softmax(confidence / alg_temp) instead of taking the most confident."""
         if params.threshold is not None:
-            return select_threshold(confidence, params.threshold)
+            return rank_threshold(confidence, params.threshold)
         if params.factor is not None:
-            return select_factor(confidence, params.factor)
+            return rank_factor(confidence, params.factor)
         k = state.num_to_commit(int(confidence.numel()))
         if dream and params.alg_temp:
-            return select_sampled(confidence, k, params.alg_temp, generator)
-        return select_top_k(confidence, k)
+            chosen = select_sampled(confidence, k, params.alg_temp, generator)
+        else:
+            chosen = select_top_k(confidence, k)
+        return chosen, int(chosen.numel())
+
+    def select(self, confidence: torch.Tensor, params: SamplingParams, state, dream: bool, generator) -> torch.Tensor:
+        """Indices of the candidates that commit this step."""
+        order, count = self.rank(confidence, params, state, dream, generator)
+        return order[: int(count)]
+
+    def ranked_commit(
+        self, logits: torch.Tensor, params: SamplingParams, state, dream: bool, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
+        """(candidates, their tokens, how many commit), nothing read to the host. A rule that overrides
+        ``commit`` or ``select`` (its count known only once chosen) gives its choice with its length."""
+        cls = type(self)
+        if cls.commit is not DecodingRule.commit or cls.select is not DecodingRule.select:
+            chosen, tokens = self.commit(logits, params, state, dream, generator)
+            return chosen, tokens, int(chosen.numel())
+        x0, confidence = self.choose(logits, params, dream, generator)
+        order, count = self.rank(confidence, params, state, dream, generator)
+        return order, x0[order], count
 
     def commit(
         self, logits: torch.Tensor, params: SamplingParams, state, dream: bool, generator: torch.Generator | None
