@@ -2,8 +2,9 @@
 
 A fixed share left for activations is wrong both ways: too much for a plain policy (pages wasted), too little
 for refresh caches that live outside the pool. So, after the weights load, the engine runs the largest step
-the scheduler can issue (one layer over every token of it: a bidirectional prefill splits by layers, never by
-tokens) plus the logits of a full batch of candidates, and reads the peak. The pool gets what is left of
+the scheduler can issue (one layer over every token of it, in ``prefill_chunk_size`` query chunks as a first
+pass runs it: a bidirectional prefill splits by layers and query rows, not by keys) plus the logits of a full
+batch of candidates, and reads the peak. The pool gets what is left of
 ``total * gpu_memory_utilization`` after memory outside torch (the CUDA context, other processes), the
 weights, 1.1x the measured activations and the refresh caches.
 """
