@@ -67,7 +67,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-policy", default=None,
                    help="none | full | maskkv | snapkv | pyramidkv | adakv | squeeze (default: maskkv, or the preset's)")  # fmt: skip
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="a published setting (maskkv_engine/presets.py); flags given explicitly win")  # fmt: skip
+                   help="a published setting (maskkv_engine/presets.py); flags given explicitly win (default: none)")  # fmt: skip
     p.add_argument("--prefill-chunk-size", type=int, default=None,
                    help="query rows per chunk of a first pass: bounds its activation memory (default: 2048)")  # fmt: skip
     p.add_argument("--kv-budget", type=int, default=None,
