@@ -93,6 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="fraction where no batch is causal any more (the causal share falls linearly from --causal-until)",
     )
+    p.add_argument(
+        "--causal-dense-only",
+        action="store_true",
+        help="only dense batches are causal (the suite's batches stay bidirectional throughout)",
+    )
     p.add_argument("--dense-share", type=float, default=0.0, help="share of batches of dense key recall")
     p.add_argument("--dense-until", type=float, default=1.0, help="fraction of steps after which no batch is dense")
     p.add_argument(
@@ -255,7 +260,9 @@ def main(argv=None) -> None:
         hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
         probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
         causal = rng.random() < causal_share(frac, args.causal_until, args.causal_off)
-        if frac < args.dense_until and rng.random() < args.dense_share:
+        dense_now = frac < args.dense_until and rng.random() < args.dense_share
+        causal = causal and (dense_now or not args.causal_dense_only)
+        if dense_now:
             dense = recall.batch(
                 rng,
                 length,

@@ -30,6 +30,26 @@ def write_profile(model_dir: Path) -> Path:
     return model_dir / "maskkv_profile.json"
 
 
+def learned_paragraph(acc: dict) -> str:
+    """Which tasks the model answers (>= 90% at 1k and 2k), which only partly, and which not at all."""
+    tasks = sorted({t for t, _ in acc})
+
+    def at(t, n):
+        return acc.get((t, str(n)), 0.0)
+
+    learned = [t for t in tasks if min(at(t, 1024), at(t, 2048)) >= 0.9]
+    partial = [t for t in tasks if t not in learned and max(at(t, n) for _, n in acc if _ == t) >= 0.2]
+    rest = [t for t in tasks if t not in learned and t not in partial]
+    parts = []
+    if learned:
+        parts.append(f"It answers {', '.join(learned)} (at least 90% at 1k and 2k tokens).")
+    if partial:
+        parts.append(f"It answers part of {', '.join(partial)}.")
+    if rest:
+        parts.append(f"It does not learn {', '.join(rest)} (below 20% at every length).")
+    return " ".join(parts)
+
+
 def write_model_card(model_dir: Path) -> Path:
     summary = json.loads((model_dir / "train_summary.json").read_text())
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -59,10 +79,16 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 
 {table}
 
-It answers single-needle retrieval (`the magic number for <key> is <value>` hidden in filler) up to
-1k tokens and most of it at 2k (trained up to 512). The key-matching tasks (multi-key, multi-value, kv retrieval,
-variable tracking, common words) stay at chance: none of the recipes tried taught a 2-layer model to match
-keys among distractors within the CPU budget (see `benchmarks/train_default_model.py`).
+{learned_paragraph(acc)}
+
+How it was trained: the first {100 * a.get("causal_until", 0):.0f}% of the steps use causal attention (the
+key-match circuit forms there, as in the autoregressive models Dream was adapted from); the causal share of
+batches then falls linearly to zero at {100 * (a.get("causal_off") or a.get("causal_until", 0)):.0f}%, and
+the rest is LLaDA's bidirectional masked diffusion only. {100 * a.get("dense_share", 0):.0f}% of the batches (until
+{100 * a.get("dense_until", 1):.0f}% of the steps) are dense key recall in the suite's needle format (every
+repeated needle's value masked and predicted, and suite questions inline), the others the suite's tasks
+with LLaDA's SFT loss on the response. Learning curves of this run and of every attempt before it:
+`benchmarks/default_model/curves/` (README.md there).
 
 ## Reproduce
 
