@@ -50,6 +50,23 @@ def learned_paragraph(acc: dict) -> str:
     return " ".join(parts)
 
 
+def recipe_paragraph(a: dict) -> str:
+    """The causal-then-bidirectional schedule and the dense batches, when the run used them."""
+    if not a.get("causal_until") and not a.get("dense_share"):
+        return "Training: LLaDA's SFT loss on the response only, bidirectional attention throughout."
+    which = "dense" if a.get("causal_dense_only") else "all"
+    off = a.get("causal_off") or a["causal_until"]
+    return (
+        f"Training: {which} batches use causal attention for the first {100 * a['causal_until']:.0f}% of the steps "
+        f"(where a key-match circuit can form, as in the autoregressive models Dream was adapted from); the causal "
+        f"share then falls linearly to zero at {100 * off:.0f}%, and the rest is LLaDA's bidirectional masked "
+        f"diffusion only. {100 * a.get('dense_share', 0):.0f}% of the batches (until {100 * a.get('dense_until', 1):.0f}% "
+        "of the steps) are dense key recall in the suite's needle format (repeated needles' values masked and "
+        "predicted, suite questions inline); the others are the suite's tasks with LLaDA's SFT loss on the "
+        "response. Learning curves of this run and of the attempts before it: `benchmarks/default_model/curves/`."
+    )
+
+
 def write_model_card(model_dir: Path) -> Path:
     summary = json.loads((model_dir / "train_summary.json").read_text())
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -57,8 +74,10 @@ def write_model_card(model_dir: Path) -> Path:
     lengths = sorted({int(n) for _, n in acc})
     table = format_table({(t, int(n)): v for (t, n), v in acc.items()}, lengths)
     a = summary["args"]
-    flags = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in a.items() if k not in ("out", "aux_causal") and v is not None
+    flags = " ".join(  # a store_true option is written bare when set, left out when not
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in a.items()
+        if k != "out" and v is not None and v is not False
     )
     card = f"""# maskkv-engine default model
 
@@ -81,14 +100,7 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 
 {learned_paragraph(acc)}
 
-How it was trained: the first {100 * a.get("causal_until", 0):.0f}% of the steps use causal attention (the
-key-match circuit forms there, as in the autoregressive models Dream was adapted from); the causal share of
-batches then falls linearly to zero at {100 * (a.get("causal_off") or a.get("causal_until", 0)):.0f}%, and
-the rest is LLaDA's bidirectional masked diffusion only. {100 * a.get("dense_share", 0):.0f}% of the batches (until
-{100 * a.get("dense_until", 1):.0f}% of the steps) are dense key recall in the suite's needle format (every
-repeated needle's value masked and predicted, and suite questions inline), the others the suite's tasks
-with LLaDA's SFT loss on the response. Learning curves of this run and of every attempt before it:
-`benchmarks/default_model/curves/` (README.md there).
+{recipe_paragraph(a)}
 
 ## Reproduce
 
