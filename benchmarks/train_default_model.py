@@ -13,6 +13,10 @@ none made multi_key or kv_retrieval learnable at this size within the CPU budget
 masked answer slot, the asked key; a "probe" (--probe-weight) asks head 0 of the last block to
 attend from each masked answer slot to the record that holds its answer; and an auxiliary loss
 (--aux-weight) labels the answer at the question's key position.
+Issue 20 options (off by default; curves in benchmarks/default_model/curves/, none beat the shipped
+model on the CPU): --dense-* mixes in dense key-recall batches in the suite's needle format
+(default_model/dense.py), and --causal-until / --causal-off train with causal attention first (all batches,
+or only the dense ones with --causal-dense-only) and then open it, as Dream was made from an AR model.
 The schedule is by steps (reproducible with the seed); --minutes only stops a run that overruns.
 """
 
