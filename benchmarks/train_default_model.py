@@ -263,8 +263,9 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
         probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
-        causal = rng.random() < causal_share(frac, args.causal_until, args.causal_off)
-        dense_now = frac < args.dense_until and rng.random() < args.dense_share
+        # draws only when an option is on, so that runs without them keep the seed's old batches
+        causal = args.causal_until > 0 and rng.random() < causal_share(frac, args.causal_until, args.causal_off)
+        dense_now = args.dense_share > 0 and frac < args.dense_until and rng.random() < args.dense_share
         causal = causal and (dense_now or not args.causal_dense_only)
         if dense_now:
             dense = recall.batch(
