@@ -13,6 +13,10 @@ none made multi_key or kv_retrieval learnable at this size within the CPU budget
 masked answer slot, the asked key; a "probe" (--probe-weight) asks head 0 of the last block to
 attend from each masked answer slot to the record that holds its answer; and an auxiliary loss
 (--aux-weight) labels the answer at the question's key position.
+Issue 20 options (off by default; curves in benchmarks/default_model/curves/, none beat the shipped
+model on the CPU): --dense-* mixes in dense key-recall batches in the suite's needle format
+(default_model/dense.py), and --causal-until / --causal-off train with causal attention first (all batches,
+or only the dense ones with --causal-dense-only) and then open it, as Dream was made from an AR model.
 The schedule is by steps (reproducible with the seed); --minutes only stops a run that overruns.
 """
 
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.default_model.batches import make_batch
+from benchmarks.default_model.dense import DenseRecall
 from benchmarks.default_model.evaluate import evaluate, format_table
 from benchmarks.default_model.model import LLaDA, ModelConfig, apply_rope, rope_cos_sin, save_checkpoint
 from benchmarks.default_model.package import write_model_card, write_profile
@@ -44,6 +49,8 @@ SHORT = {
     "kv_retrieval": "kv",
     "variable_tracking": "vt",
     "common_words": "cw",
+    "dense": "dense",
+    "dense_chance": "chance",
 }
 
 
@@ -78,6 +85,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-weight", type=float, default=0.0, help="weight of the last-layer attention target")
     p.add_argument("--probe-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
+    p.add_argument(
+        "--causal-until",
+        type=float,
+        default=0.0,
+        help="fraction of steps trained with causal attention (the key-match circuit forms there)",
+    )
+    p.add_argument(
+        "--causal-off",
+        type=float,
+        default=None,
+        help="fraction where no batch is causal any more (the causal share falls linearly from --causal-until)",
+    )
+    p.add_argument(
+        "--causal-dense-only",
+        action="store_true",
+        help="only dense batches are causal (the suite's batches stay bidirectional throughout)",
+    )
+    p.add_argument("--dense-share", type=float, default=0.0, help="share of batches of dense key recall")
+    p.add_argument("--dense-until", type=float, default=1.0, help="fraction of steps after which no batch is dense")
+    p.add_argument(
+        "--dense-pool", type=int, default=16, help="most keys per dense sample (drawn from 2; at most length / 8)"
+    )
+    p.add_argument("--dense-ask", type=float, default=0.0, help="share of dense lines that are the suite's question")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=50, help="samples per (task, length) in the final eval")
     p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))
@@ -120,11 +150,27 @@ def probe_loss(model: LLaDA, batch, hidden: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logp.masked_fill(~batch.probe_targets, -float("inf")), dim=-1).mean()
 
 
+def causal_share(frac: float, until: float, off: float | None) -> float:
+    """Share of batches trained with causal attention: 1 before `until`, then linearly 0 at `off`."""
+    off = until if off is None else off
+    if frac < until:
+        return 1.0
+    if frac >= off:
+        return 0.0
+    return 1.0 - (frac - until) / (off - until)
+
+
 def loss_fn(
-    model: LLaDA, batch, aux_weight: float, aux_causal: bool = False, hint_weight: float = 0.0, probe_weight=0.0
+    model: LLaDA,
+    batch,
+    aux_weight: float,
+    aux_causal: bool = False,
+    hint_weight: float = 0.0,
+    probe_weight=0.0,
+    causal: bool = False,
 ):
     n_layers = model.cfg.n_layers
-    logits, hidden = model(batch.ids, hidden_after=0)
+    logits, hidden = model(batch.ids, causal=causal, hidden_after=0)
     hint = torch.zeros(())
     hinted = batch.hint_target >= 0
     if hint_weight > 0 and hinted.any():
@@ -145,7 +191,9 @@ def loss_fn(
     if has_q.any():
         n = batch.ids.shape[1] - batch.response_len  # prompt length
         rows = has_q.nonzero().squeeze(1)
-        aux_logits = model(batch.ids[rows], causal=True) if aux_causal and aux_weight > 0 else logits[rows]
+        aux_logits = (
+            model(batch.ids[rows], causal=True) if aux_causal and aux_weight > 0 and not causal else logits[rows]
+        )
         aux = F.cross_entropy(aux_logits[torch.arange(len(rows)), batch.query_pos[rows]], batch.targets[rows, n])
     if aux_weight > 0:
         loss = loss + aux_weight * aux
@@ -155,6 +203,18 @@ def loss_fn(
         slot_ok = ((pred == batch.targets) & batch.masked & batch.answer_slot).sum(1)
         slot_n = (batch.masked & batch.answer_slot).sum(1)
     return loss, aux.detach(), hint.detach(), probe.detach(), slot_ok, slot_n
+
+
+def dense_loss(model: LLaDA, batch, causal: bool):
+    """Cross-entropy on the labelled masked values of a dense key-recall batch, and per-sample hits."""
+    logits = model(batch.ids, causal=causal)
+    lab = batch.labelled
+    if not lab.any():
+        return logits.sum() * 0.0, lab.sum(1), lab.sum(1)
+    loss = F.cross_entropy(logits[lab], batch.targets[lab])
+    with torch.no_grad():
+        ok = ((logits.argmax(-1) == batch.targets) & lab).sum(1)
+    return loss, ok, lab.sum(1)
 
 
 def main(argv=None) -> None:
@@ -182,44 +242,93 @@ def main(argv=None) -> None:
     print(f"params {n_params / 1e6:.2f}M, vocab {cfg.vocab_size} (embedding {cfg.embedding_size})", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     task_stages = [(float(f), t.split("+")) for f, t in (s.split(":") for s in args.task_curriculum.split(","))]
-    all_tasks = list(dict.fromkeys(t for _, ts in task_stages for t in ts))
+    all_tasks = list(dict.fromkeys(t for _, ts in task_stages for t in ts)) + ["dense", "dense_chance"] * (
+        args.dense_share > 0
+    )
+    recall = DenseRecall(tokenizer, mask_id)
     stages = [(float(f), int(n)) for f, n in (s.split(":") for s in args.curriculum.split(","))]
 
     start = time.time()
-    window: dict[str, deque] = defaultdict(lambda: deque(maxlen=2000))
+    window: dict[tuple, deque] = defaultdict(lambda: deque(maxlen=1000))
     losses: deque = deque(maxlen=args.log_every)
+    curve: list[dict] = []  # slot accuracy per task (bidirectional / causal batches) vs steps
     step = 0
     model.train()
     for step in range(args.steps):
         frac = step / args.steps
         length = length_at(rng, frac, stages)
         tasks = [ts for f, ts in task_stages if f <= frac][-1]
-        batch = make_batch(rng, tokenizer, tasks, length, max(1, args.batch_tokens // length), mask_id, eos_id)
         aux_w = args.aux_weight * ramp_down(frac, args.extras_from, args.aux_until)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
         probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
-        loss, aux, hint, probe, slot_ok, slot_n = loss_fn(model, batch, aux_w, args.aux_causal, hint_w, probe_w)
+        # draws only when an option is on, so that runs without them keep the seed's old batches
+        causal = args.causal_until > 0 and rng.random() < causal_share(frac, args.causal_until, args.causal_off)
+        dense_now = args.dense_share > 0 and frac < args.dense_until and rng.random() < args.dense_share
+        causal = causal and (dense_now or not args.causal_dense_only)
+        if dense_now:
+            dense = recall.batch(
+                rng,
+                length,
+                max(1, args.batch_tokens // length),
+                min(args.dense_pool, max(4, length // 8)),
+                causal,
+                ask=args.dense_ask,
+            )
+            loss, slot_ok, slot_n = dense_loss(model, dense, causal)
+            aux = hint = probe = torch.zeros(())
+            batch_tasks = ["dense"] * len(slot_ok)
+            chance = (slot_n.float() / dense.pool.float()).round().long()  # hits of a 1/pool guesser
+            for n_chance, n in zip(chance.tolist(), slot_n.tolist()):
+                if n:
+                    window[("dense_chance", causal)].append((n_chance, n))
+        else:
+            batch = make_batch(rng, tokenizer, tasks, length, max(1, args.batch_tokens // length), mask_id, eos_id)
+            loss, aux, hint, probe, slot_ok, slot_n = loss_fn(
+                model, batch, aux_w, args.aux_causal, hint_w, probe_w, causal
+            )
+            batch_tasks = batch.tasks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append((loss.item(), aux.item(), hint.item(), probe.item()))
-        for task, ok, n in zip(batch.tasks, slot_ok.tolist(), slot_n.tolist()):
+        for task, ok, n in zip(batch_tasks, slot_ok.tolist(), slot_n.tolist()):
             if n:
-                window[task].append((ok, n))
+                window[(task, causal)].append((ok, n))
         elapsed = time.time() - start
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
             l_avg, a_avg, h_avg, p_avg = (sum(v) / len(losses) for v in zip(*losses))
-            accs = " ".join(
-                f"{SHORT.get(t, t)}={sum(o for o, _ in window[t]) / max(1, sum(n for _, n in window[t])):.2f}"
+            slot_acc = {
+                f"{t}{'~causal' if c else ''}": round(sum(o for o, _ in w) / sum(n for _, n in w), 4)
                 for t in all_tasks
+                for c in (False, True)
+                if (w := window[(t, c)])
+            }
+            accs = " ".join(
+                f"{SHORT.get(t.split('~')[0])}{'~c' if '~' in t else ''}={a:.2f}" for t, a in slot_acc.items()
             )
+            top = max(n for f, n in stages if f <= frac)
+            share = causal_share(frac, args.causal_until, args.causal_off)
             print(
-                f"step {step + 1} {elapsed:.0f}s len<={max(n for f, n in stages if f <= frac)} "
+                f"step {step + 1} {elapsed:.0f}s len<={top} causal {share:.2f} "
                 f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) probe {p_avg:.2f} slot-acc {accs}",
                 flush=True,
+            )
+            curve.append(
+                {
+                    "step": step + 1,
+                    "seconds": round(elapsed),
+                    "max_len": top,
+                    "causal_share": round(share, 3),
+                    "loss": round(l_avg, 4),
+                    "slot_acc": slot_acc,
+                }
+            )
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "curve.json").write_text(
+                json.dumps({"args": vars(args), "curve": curve}, indent=1) + "\n"
             )
         if (step + 1) % 1000 == 0:  # a checkpoint to resume from by hand if the run is killed
             save_checkpoint(model, Path(args.out) / "partial")
