@@ -31,9 +31,9 @@ def test_logits_within_fp32_tolerance(models, case):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_and_mlp_see_at_most_a_chunk_of_rows(models, monkeypatch):
+def test_projections_attention_and_mlp_see_at_most_a_chunk_of_rows(models, monkeypatch):
     model, _ = load_model(str(models["llada_gqa"]), dtype="float32", device="cpu")
-    seen = {"sdpa": [], "mlp": []}
+    seen = {"sdpa": [], "mlp": [], "q_proj": []}
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(
         torch.nn.functional,
@@ -43,9 +43,11 @@ def test_attention_and_mlp_see_at_most_a_chunk_of_rows(models, monkeypatch):
     block = next(m for m in model.modules() if type(m).__name__ == "LLaDABlock")
     mlp = block.mlp
     monkeypatch.setattr(block, "mlp", lambda h: (seen["mlp"].append(h.shape[0]), mlp(h))[1])
+    block.q_proj.register_forward_hook(lambda mod, args, out: seen["q_proj"].append(args[0].shape[0]))
     full_forward_logits(model, [prompt_ids(70, seed=1, high=100)], chunk_rows=CHUNK)
     assert seen["sdpa"] and max(seen["sdpa"]) <= CHUNK
     assert seen["mlp"] and max(seen["mlp"]) <= CHUNK
+    assert seen["q_proj"] and max(seen["q_proj"]) <= CHUNK  # q/k/v and RoPE: no temporaries over every row
     seen["sdpa"].clear()
     full_forward_logits(model, [prompt_ids(70, seed=1, high=100)])
     # without chunking one call sees every row (the torch backend folds a KV group's query heads into rows)

@@ -4,9 +4,12 @@ Pre-norm: x1 = x + out_proj(attention(rope(qkv(norm1(x))))); out = x1 + mlp(norm
 projected for every packed row (refresh strategies compare or reuse them); attention and MLP run for
 the rows the step recomputes, and ``merge`` fills the other rows from their caches.
 
-With ``chunk_rows`` set (the engine's ``prefill_chunk_size``), attention (``attention/chunked.py``) and
-the MLP run over chunks of that many rows, so a long full pass never holds its n x n scores or its
-n x intermediate MLP activations; the hooks still see every row's q/k/v, residuals and outputs at once.
+With ``chunk_rows`` set (the engine's ``prefill_chunk_size``), the q/k/v projections with RoPE, attention
+(``attention/chunked.py``) and the MLP run over chunks of that many rows, so a long full pass never holds
+its n x n scores, its n x intermediate MLP activations, or the normed rows, raw projections and RoPE
+temporaries of every row at once; the hooks still see every row's q/k/v, residuals and outputs at once.
+What a layer holds for all n rows is then its input, q/k/v, and the attention and residual outputs, and
+each is dropped as soon as the block has read it.
 """
 
 from __future__ import annotations
@@ -32,18 +35,35 @@ def block_forward(
 ) -> torch.Tensor:
     ctx = get_forward_context()
     hooks = ctx.hooks
-    q, k, v = qkv(norm1(x))  # post-RoPE, [T, H, D]
+    q, k, v = _qkv_in_chunks(x, norm1, qkv, ctx.chunk_rows)  # post-RoPE, [T, H, D]
     o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
+    del q, k, v  # what a hook keeps of them it holds itself
     rows = hooks.rows(layer) if hooks is not None else None
     x_rows = x if rows is None else x[rows]
     a = out_proj(o.reshape(o.shape[0], o.shape[1] * o.shape[2]))
+    del o
     x1 = x_rows + a
     if hooks is not None:
         hooks.on_attention_residual(layer, x_rows, x1)
     m = _mlp_in_chunks(x1, norm2, mlp, ctx.chunk_rows)
     if hooks is None:
-        return x1 + m
+        return x1.add_(m)
     return hooks.merge(layer, x, rows, x1, a, m)
+
+
+def _qkv_in_chunks(x, norm1, qkv, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv(norm1(x)), ``chunk`` rows at a time into the outputs (row-wise: the same values as one call)."""
+    if chunk is None or x.shape[0] <= chunk:
+        return qkv(norm1(x))
+    first = qkv(norm1(x[:chunk]), slice(0, chunk))
+    out = tuple(t.new_empty((x.shape[0], *t.shape[1:])) for t in first)
+    for o, t in zip(out, first):
+        o[:chunk] = t
+    del first
+    for a in range(chunk, x.shape[0], chunk):
+        for o, t in zip(out, qkv(norm1(x[a : a + chunk]), slice(a, a + chunk))):
+            o[a : a + chunk] = t
+    return out
 
 
 def _mlp_in_chunks(x1, norm2, mlp, chunk: int | None) -> torch.Tensor:

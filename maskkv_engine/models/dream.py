@@ -93,11 +93,11 @@ class DreamDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor):
         a = self.self_attn
 
-        def qkv(h: torch.Tensor):
+        def qkv(h: torch.Tensor, rows: slice = slice(None)):  # h: norm1(x[rows])
             q = a.q_proj(h).view(-1, a.n_heads, a.head_dim)
             k = a.k_proj(h).view(-1, a.n_kv, a.head_dim)
             v = a.v_proj(h).view(-1, a.n_kv, a.head_dim)
-            return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+            return rotary.apply(q, cos[rows], sin[rows]), rotary.apply(k, cos[rows], sin[rows]), v
 
         return block_forward(
             self.layer_id, x, self.input_layernorm, qkv, a.o_proj, self.post_attention_layernorm, self.mlp_forward

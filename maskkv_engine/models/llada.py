@@ -97,11 +97,11 @@ class LLaDABlock(nn.Module):
         self.ff_out = Linear(cfg.intermediate_size, d, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor):
-        def qkv(h: torch.Tensor):
+        def qkv(h: torch.Tensor, rows: slice = slice(None)):  # h: norm1(x[rows])
             q = self.q_proj(h).view(-1, self.n_heads, self.head_dim)
             k = self.k_proj(h).view(-1, self.n_kv, self.head_dim)
             v = self.v_proj(h).view(-1, self.n_kv, self.head_dim)
-            return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin), v
+            return rotary.apply(q, cos[rows], sin[rows]), rotary.apply(k, cos[rows], sin[rows]), v
 
         return block_forward(self.layer_id, x, self.attn_norm, qkv, self.attn_out, self.ff_norm, self.mlp)
 
