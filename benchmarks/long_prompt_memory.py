@@ -168,7 +168,8 @@ def measure(model: Path, policy: str, budget: int | None, chunk: int, n: int, sw
 
 def label(row: dict) -> str:
     name = row["policy"] + (f"-{row['budget']}" if row["budget"] else "")
-    return name + (f" chunk {row['chunk']}" if row["chunk"] else " unchunked")
+    name += f" chunk {row['chunk']}" if row["chunk"] else " unchunked"
+    return name + (f" ({row['variant']})" if row.get("variant") else "")  # rows of another code version
 
 
 def run(sweep: Sweep, out: Path | None) -> dict:
