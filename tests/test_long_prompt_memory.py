@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import long_prompt_memory
 
 
@@ -31,6 +33,7 @@ def test_trimmed_sweep_skips_the_costly_runs():
 
 
 def test_plot_draws_from_a_result(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the bench extra")
     rows = [
         {"policy": p, "budget": b, "chunk": 32, "n": n, "ok": True, "peak_above_idle": n * k}
         for p, b, k in (("full", None, 100), ("maskkv", 16, 10))
