@@ -14,7 +14,6 @@ import torch
 
 from maskkv_engine.attention.hooks import StepHooks
 from maskkv_engine.attention.metadata import AttentionMetadata, RowLayout
-from maskkv_engine.attention.transfer import to_device
 from maskkv_engine.kv.prefill_capture import PrefillCapture
 from maskkv_engine.refresh.base import RefreshState
 
@@ -97,16 +96,8 @@ class StepContext(StepHooks):
         at every layer (dual cache, dLLM-Cache) reuse the first layer's, instead of a copy per layer."""
         key = (tuple(q_lens), tuple(kv_lens))
         if key not in self._layout_cache:
-            q_offsets, q_host = RowLayout.host(q_lens)
-            if kv_lens == q_lens:
-                (moved,) = to_device([q_host], device)
-                q_layout = kv_layout = RowLayout.from_device(q_offsets, moved)
-            else:
-                kv_offsets, kv_host = RowLayout.host(kv_lens)
-                moved_q, moved_kv = to_device([q_host, kv_host], device)
-                q_layout = RowLayout.from_device(q_offsets, moved_q)
-                kv_layout = RowLayout.from_device(kv_offsets, moved_kv)
-            self._layout_cache[key] = (q_layout, kv_layout)
+            meta = AttentionMetadata.build(q_lens, device, kv_lens=kv_lens)  # both layouts in one copy
+            self._layout_cache[key] = (meta.q, meta.kv)
         return self._layout_cache[key]
 
     def rows(self, layer: int) -> torch.Tensor | None:
