@@ -13,6 +13,7 @@ block, each step recomputes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -70,22 +71,17 @@ class FastDLLMState(RefreshState):
 @dataclass
 class FastDLLM(RefreshStrategy):
     name = "fast_dllm"
+    dual: ClassVar[bool] = False  # the dual cache also keeps the rows after the current block
 
     def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
         """K and V of every layer for the cached positions."""
         return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
 
     def new_state(self, request) -> RefreshState:
-        return FastDLLMState(request, dual=False)
+        return FastDLLMState(request, dual=self.dual)
 
 
 @dataclass
-class FastDLLMDual(RefreshStrategy):
+class FastDLLMDual(FastDLLM):
     name = "fast_dllm_dual"
-
-    def cache_bytes_per_token(self, cfg, dtype_bytes: int) -> int:
-        """K and V of every layer for the cached positions."""
-        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
-
-    def new_state(self, request) -> RefreshState:
-        return FastDLLMState(request, dual=True)
+    dual: ClassVar[bool] = True
