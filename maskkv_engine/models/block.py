@@ -28,14 +28,14 @@ def block_forward(
     layer: int,
     x: torch.Tensor,
     norm1: Callable[[torch.Tensor], torch.Tensor],
-    qkv: Callable[[torch.Tensor], QKV],
+    qkv: Callable[[torch.Tensor, slice], QKV],  # (norm1(x[rows]), rows)
     out_proj: Callable[[torch.Tensor], torch.Tensor],
     norm2: Callable[[torch.Tensor], torch.Tensor],
     mlp: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     ctx = get_forward_context()
     hooks = ctx.hooks
-    q, k, v = _qkv_in_chunks(x, norm1, qkv, ctx.chunk_rows)  # post-RoPE, [T, H, D]
+    q, k, v = _in_chunks(lambda r: qkv(norm1(x[r]), r), x.shape[0], ctx.chunk_rows)  # post-RoPE, [T, H, D]
     o = attention(layer, q, k, v)  # [rows, H_q, D]; the hooks decide the rows while preparing it
     del q, k, v  # what a hook keeps of them it holds itself
     rows = hooks.rows(layer) if hooks is not None else None
@@ -45,32 +45,23 @@ def block_forward(
     x1 = x_rows + a
     if hooks is not None:
         hooks.on_attention_residual(layer, x_rows, x1)
-    m = _mlp_in_chunks(x1, norm2, mlp, ctx.chunk_rows)
+    (m,) = _in_chunks(lambda r: (mlp(norm2(x1[r])),), x1.shape[0], ctx.chunk_rows)
     if hooks is None:
         return x1.add_(m)
     return hooks.merge(layer, x, rows, x1, a, m)
 
 
-def _qkv_in_chunks(x, norm1, qkv, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv(norm1(x)), ``chunk`` rows at a time into the outputs (row-wise: the same values as one call)."""
-    if chunk is None or x.shape[0] <= chunk:
-        return qkv(norm1(x))
-    first = qkv(norm1(x[:chunk]), slice(0, chunk))
-    out = tuple(t.new_empty((x.shape[0], *t.shape[1:])) for t in first)
+def _in_chunks(fn: Callable[[slice], tuple[torch.Tensor, ...]], n: int, chunk: int | None) -> tuple[torch.Tensor, ...]:
+    """``fn(rows)`` for all n rows, ``chunk`` rows at a time into full-length outputs (``fn`` is row-wise,
+    so the values are those of one call, up to matmul blocking)."""
+    if chunk is None or n <= chunk:
+        return fn(slice(0, n))
+    first = fn(slice(0, chunk))
+    out = tuple(t.new_empty((n, *t.shape[1:])) for t in first)
     for o, t in zip(out, first):
         o[:chunk] = t
     del first
-    for a in range(chunk, x.shape[0], chunk):
-        for o, t in zip(out, qkv(norm1(x[a : a + chunk]), slice(a, a + chunk))):
+    for a in range(chunk, n, chunk):
+        for o, t in zip(out, fn(slice(a, a + chunk))):
             o[a : a + chunk] = t
-    return out
-
-
-def _mlp_in_chunks(x1, norm2, mlp, chunk: int | None) -> torch.Tensor:
-    """mlp(norm2(x1)), ``chunk`` rows at a time (row-wise: the same values as one call, up to matmul blocking)."""
-    if chunk is None or x1.shape[0] <= chunk:
-        return mlp(norm2(x1))
-    out = torch.empty_like(x1)
-    for a in range(0, x1.shape[0], chunk):
-        out[a : a + chunk] = mlp(norm2(x1[a : a + chunk]))
     return out
