@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import time
@@ -60,10 +61,62 @@ def run_policy(model: str, policy: str, budget: int | None, samples, config: dic
 
 
 def accuracy(correct: list[bool], samples, key) -> dict:
+    return {k: c / n for k, (c, n) in counts(correct, samples, key).items()}
+
+
+def counts(correct: list[bool], samples, key) -> dict:
+    """{group: (correct, total)}."""
     groups = defaultdict(list)
     for ok, s in zip(correct, samples):
         groups[key(s)].append(ok)
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+    return {k: (sum(v), len(v)) for k, v in groups.items()}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a binomial proportion k / n: unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0% or 100%."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pooled(results: dict, name: str, tasks: list[str]) -> tuple[int, int]:
+    """(correct, total) of ``name`` over ``tasks``."""
+    got = [results[name]["by_task_counts"][t] for t in tasks]
+    return sum(k for k, _ in got), sum(n for _, n in got)
+
+
+def cell(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def separation(results: dict, tasks: list[str], budgets: list[int]) -> str:
+    """Per baseline, the budgets where MaskKV's 95% interval lies wholly above / below the baseline's
+    (pooled over ``tasks``), the rest being ties within the intervals."""
+    parts = []
+    for label in list(PRUNING)[1:]:
+        above, below = [], []
+        for b in budgets:
+            m_lo, m_hi = wilson(*pooled(results, f"maskkv@{b}", tasks))
+            o_lo, o_hi = wilson(*pooled(results, f"{label}@{b}", tasks))
+            if m_lo > o_hi:
+                above.append(b)
+            elif m_hi < o_lo:
+                below.append(b)
+        tied = [b for b in budgets if b not in above + below]
+        text = f"{label}: above at {_budgets(above)}" if above else f"{label}: never above"
+        text += f", below at {_budgets(below)}" if below else ""
+        text += f", tied at {_budgets(tied)}" if tied else ""
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _budgets(bs: list[int]) -> str:
+    return ", ".join(map(str, bs))
 
 
 def learned(results: dict, tasks: list[str]) -> list[str]:
@@ -78,12 +131,13 @@ def retention(results: dict, name: str, tasks: list[str]) -> float | None:
 
 
 def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> list[str]:
-    """Retention table (policy x budget, learned tasks) and accuracy per task at budget ``at``."""
+    """Accuracy with its 95% interval and retention (policy x budget, pooled over the learned tasks), the
+    same per learned task, and accuracy per task at budget ``at``."""
     known = learned(results, tasks)
-    full = sum(results["full"]["by_task"][t] for t in known) / max(1, len(known))
+    k, n = pooled(results, "full", known) if known else (0, 1)
     lines = [
-        f"Accuracy on the learned tasks ({', '.join(known) or 'none'}) and its retention vs the full cache "
-        f"({100 * full:.0f}%), per KV pairs per head:",
+        f"Accuracy on the learned tasks ({', '.join(known) or 'none'}), pooled, with its 95% Wilson interval, and "
+        f"its retention vs the full cache ({100 * k / n:.0f}%), per KV pairs per head:",
         "",
         "| policy | " + " | ".join(str(b) for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
@@ -92,9 +146,15 @@ def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> li
         cells = []
         for b in budgets:
             r = retention(results, f"{label}@{b}", known)
-            acc = sum(results[f"{label}@{b}"]["by_task"][t] for t in known) / max(1, len(known))
-            cells.append("-" if r is None else f"{100 * acc:.0f}% ({100 * r:.0f}%)")
+            cells.append("-" if r is None else f"{cell(*pooled(results, f'{label}@{b}', known))} ({100 * r:.0f}%)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for task in known if len(known) > 1 else []:
+        full = cell(*results["full"]["by_task_counts"][task])
+        lines += ["", f"{task} (full cache {full}), per KV pairs per head:", ""]
+        lines += ["| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for label in PRUNING:
+            row = [cell(*results[f"{label}@{b}"]["by_task_counts"][task]) for b in budgets]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
     cols = ["none", "full"] + [f"{label}@{at}" for label in PRUNING]
     lines += [
         "",
@@ -222,7 +282,7 @@ def replot(argv=None) -> None:
     seed = int(cmd.group(1))
     n = int(re.search(r"(\d+) samples per \(task, length\)", section).group(1))
     lengths = [int(x) for x in re.search(r"at lengths \[([\d, ]+)\]", section).group(1).split(",")]
-    head = re.search(r"Accuracy on the learned tasks \(([^)]*)\) .*?\((\d+)%\), per KV pairs per head:", section)
+    head = re.search(r"Accuracy on the learned tasks \(([^)]*)\).*?\((\d+)%\), per KV pairs per head:", section)
     known, full = head.group(1).split(", "), float(head.group(2))
     table = section[head.end() :].split("\n\n")[1].splitlines()
     budgets = [int(c) for c in table[0].strip("| ").split(" | ")[1:]]
@@ -257,8 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the embedded default model)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--lengths", default="512,1024,2048")
-    p.add_argument("--budgets", default="8,16,32,64,128")
-    p.add_argument("--n", type=int, default=12, help="samples per (task, length), depths evenly spaced")
+    p.add_argument("--budgets", default="8,16,32,64,128,256")
+    p.add_argument("--n", type=int, default=20, help="samples per (task, length), depths evenly spaced")
     p.add_argument(
         "--heat-budget", type=int, default=32, help="budget of the per-task table and needle heatmap (one of --budgets)"
     )
@@ -288,6 +348,7 @@ def main(argv=None) -> None:
         results[name] = {
             "overall": sum(correct) / len(correct),
             "by_task": accuracy(correct, samples, lambda s: s.task),
+            "by_task_counts": counts(correct, samples, lambda s: s.task),
             "by_task_length": {f"{k[0]}/{k[1]}": v for k, v in accuracy(correct, samples, lambda s: (s.task, s.length)).items()},
             "needle": {f"{k[0]}/{k[1]}": v for k, v in accuracy(
                 [c for c, s in zip(correct, samples) if s.task == "single_needle"],
@@ -325,6 +386,10 @@ def main(argv=None) -> None:
             f"has learned ({', '.join(known)}); {others}. The paper reports 94% of LongBench quality "
             f"at 256 KV pairs per head for LLaDA-8B. Tasks the model does not answer at full cache "
             f"({', '.join(t for t in tasks if t not in known) or 'none'}) are at chance under every policy (differences there are noise)."
+        )
+        summary += (
+            "\n\nWhere MaskKV and each baseline separate (learned tasks pooled; 'above' = MaskKV's 95% interval "
+            f"wholly above the baseline's): {separation(results, known, budgets)}."
         )
     cmd = command_line("python -m benchmarks.quality", argv)
     shown = "the embedded default model" if args.model is None else model

@@ -1,28 +1,30 @@
-"""Train the shipped default model: a small LLaDA on the synthetic long-context suite, on a CPU.
+"""Train the shipped default model: a small LLaDA on the synthetic long-context suite, on a CPU or a GPU.
 
-    python -m benchmarks.train_default_model --out benchmarks/out/default_model
+    python -m benchmarks.train_default_model --out benchmarks/out/default_model [--device cuda]
 
-Recipe (../shared TRAINING_NOTES, measured on a 2-core CPU): d_model 128, 2 layers, 2 heads, tied
-embeddings, every matrix N(0, 0.02), the suite's word-level tokenizer (disjoint id ranges for
-filler, keys, values, ids), LLaDA's SFT loss on the response only, 4k tokens per batch,
-AdamW lr 3e-3 (betas 0.9/0.95, no weight decay, warmup, cosine), and a length curriculum that
-reaches the target length early while half the batches stay shorter.
-Options for the key-matching tasks (training-only losses, annealed to zero; all off by default, since
-none made multi_key or kv_retrieval learnable at this size within the CPU budget): "hop hints"
-(--hint-weight) ask the first block's output to hold, at each record value, its key and, at each
-masked answer slot, the asked key; a "probe" (--probe-weight) asks head 0 of the last block to
-attend from each masked answer slot to the record that holds its answer; and an auxiliary loss
-(--aux-weight) labels the answer at the question's key position.
-Issue 20 options (off by default; curves in benchmarks/default_model/curves/, none beat the shipped
-model on the CPU): --dense-* mixes in dense key-recall batches in the suite's needle format
-(default_model/dense.py), and --causal-until / --causal-off train with causal attention first (all batches,
-or only the dense ones with --causal-dense-only) and then open it, as Dream was made from an AR model.
+Recipe (measured on a 2-core CPU, issue 20; curves in benchmarks/default_model/curves/): d_model 128,
+2 layers, 2 heads, tied embeddings, the suite's word-level tokenizer (disjoint id ranges for filler, keys,
+values, ids), LLaDA's SFT loss on the response only, bidirectional attention throughout, 2k tokens per
+batch, AdamW (betas 0.9/0.95, warmup, cosine) and a length curriculum that reaches the target length
+early while half the batches stay shorter. Two things made the key-matching tasks learnable:
+- scale: a unit-scale embedding (--embed-std 1), lr 1e-3 and weight decay 0.1. With N(0, 0.02) embeddings
+  and lr 3e-3 the blocks' outputs grew to ~1000x a token's embedding, so a later layer could no longer read
+  which value a record holds (its identity was drowned), even where its attention was right;
+- attention targets for the circuit (--route-weight, --probe-weight, annealed to zero): the first block
+  reads each record's key from its value and the question's key from the masked answer slot; head 0 of the
+  last block reads, from the answer slot, the value of the record whose key was asked. Without them the
+  answer slot stayed at picking a random value (1/records), with them alone (old scale) the attention was
+  right but the answer was not copied.
+Other options are earlier attempts, kept so their curves can be reproduced (all off by default): hop
+hints through the LM head (--hint-weight), a key-position answer loss (--aux-weight), dense key-recall
+batches (--dense-*, default_model/dense.py) and causal-then-bidirectional schedules (--causal-*).
 The schedule is by steps (reproducible with the seed); --minutes only stops a run that overruns.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -68,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices")
+    p.add_argument("--embed-std", type=float, default=0.02, help="init std of the (tied) embedding")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=2)
@@ -84,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hint-until", type=float, default=0.45, help="fraction of steps where hints reach 0")
     p.add_argument("--probe-weight", type=float, default=0.0, help="weight of the last-layer attention target")
     p.add_argument("--probe-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
+    p.add_argument("--route-weight", type=float, default=0.0, help="weight of the first block's attention hops")
+    p.add_argument("--route-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
     p.add_argument(
         "--causal-until",
@@ -111,8 +117,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=50, help="samples per (task, length) in the final eval")
     p.add_argument("--eval-lengths", default=",".join(map(str, EVAL_LENGTHS)))
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when there is one)")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core CPU a 2nd thread was 7x slower")
     return p.parse_args(argv)
+
+
+def to_device(batch, device: torch.device):
+    """The batch with every tensor (and tuple of tensors) field on `device` (batches are built on the CPU)."""
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, tuple) and v and all(isinstance(x, torch.Tensor) for x in v):
+            return tuple(x.to(device, non_blocking=True) for x in v)
+        return v
+
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -143,11 +163,29 @@ def probe_loss(model: LLaDA, batch, hidden: torch.Tensor) -> torch.Tensor:
     hd = model.cfg.head_dim
     h = block.attn_norm(hidden)
     rows, cols = batch.probe_rows, batch.probe_cols
-    cos, sin = rope_cos_sin(torch.arange(h.shape[1]), hd, model.cfg.rope_theta)
+    cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), hd, model.cfg.rope_theta)
     q = apply_rope(block.q_proj(h[rows, cols])[:, None, None, :hd], cos[cols][:, None, None], sin[cols][:, None, None])
     k = apply_rope(block.k_proj(h[rows])[:, None, :, :hd], cos, sin)  # [N, 1, T, hd]
     logp = torch.log_softmax((q @ k.transpose(-1, -2)).squeeze(1).squeeze(1) / math.sqrt(hd), dim=-1)
     return -torch.logsumexp(logp.masked_fill(~batch.probe_targets, -float("inf")), dim=-1).mean()
+
+
+def route_loss(model: LLaDA, batch) -> torch.Tensor:
+    """-log(attention mass, averaged over heads) that the first block puts on each hop of
+    `batch.route`: record value -> its key, masked answer slot -> the question's key. The hint loss
+    asks for the same moves through the LM head; this asks the attention itself."""
+    rows, src, dst = batch.route
+    block = model.model.transformer["blocks"][0]
+    c = model.cfg
+    h = block.attn_norm(model.model.transformer["wte"](batch.ids))
+    b, t, _ = h.shape
+    cos, sin = rope_cos_sin(torch.arange(t, device=h.device), c.head_dim, c.rope_theta)
+    q = apply_rope(block.q_proj(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2), cos, sin)
+    k = apply_rope(block.k_proj(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
+    logp = torch.log_softmax(q @ k.transpose(-1, -2) / math.sqrt(c.head_dim), dim=-1)  # [B, H, T, T]
+    picked = logp.permute(0, 2, 3, 1)[rows, src, dst]  # [N, H]
+    return -(torch.logsumexp(picked, dim=-1) - math.log(c.n_heads)).mean()
 
 
 def causal_share(frac: float, until: float, off: float | None) -> float:
@@ -168,25 +206,30 @@ def loss_fn(
     hint_weight: float = 0.0,
     probe_weight=0.0,
     causal: bool = False,
+    route_weight: float = 0.0,
 ):
     n_layers = model.cfg.n_layers
     logits, hidden = model(batch.ids, causal=causal, hidden_after=0)
-    hint = torch.zeros(())
+    hint = torch.zeros((), device=logits.device)
     hinted = batch.hint_target >= 0
     if hint_weight > 0 and hinted.any():
         hint = F.cross_entropy(model.lm_head(hidden[hinted]), batch.hint_target[hinted])
         loss_hint = hint_weight * hint
     else:
         loss_hint = 0.0
-    probe = torch.zeros(())
+    probe = torch.zeros((), device=logits.device)
     if probe_weight > 0 and len(batch.probe_rows):
         _, before_last = model(batch.ids, hidden_after=n_layers - 2) if n_layers > 2 else (None, hidden)
         probe = probe_loss(model, batch, before_last)
         loss_hint = loss_hint + probe_weight * probe
+    route = torch.zeros((), device=logits.device)
+    if route_weight > 0 and len(batch.route[0]):
+        route = route_loss(model, batch)
+        loss_hint = loss_hint + route_weight * route
     ce = F.cross_entropy(logits[batch.masked], batch.targets[batch.masked], reduction="none")
     p = batch.p_mask[:, None].expand_as(batch.masked)[batch.masked]
     loss = (ce / p).sum() / (batch.ids.shape[0] * batch.response_len)
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=logits.device)
     has_q = batch.query_pos >= 0
     if has_q.any():
         n = batch.ids.shape[1] - batch.response_len  # prompt length
@@ -194,7 +237,9 @@ def loss_fn(
         aux_logits = (
             model(batch.ids[rows], causal=True) if aux_causal and aux_weight > 0 and not causal else logits[rows]
         )
-        aux = F.cross_entropy(aux_logits[torch.arange(len(rows)), batch.query_pos[rows]], batch.targets[rows, n])
+        aux = F.cross_entropy(
+            aux_logits[torch.arange(len(rows), device=rows.device), batch.query_pos[rows]], batch.targets[rows, n]
+        )
     if aux_weight > 0:
         loss = loss + aux_weight * aux
     loss = loss + loss_hint
@@ -202,7 +247,7 @@ def loss_fn(
         pred = logits.argmax(-1)
         slot_ok = ((pred == batch.targets) & batch.masked & batch.answer_slot).sum(1)
         slot_n = (batch.masked & batch.answer_slot).sum(1)
-    return loss, aux.detach(), hint.detach(), probe.detach(), slot_ok, slot_n
+    return loss, aux.detach(), hint.detach(), probe.detach(), route.detach(), slot_ok, slot_n
 
 
 def dense_loss(model: LLaDA, batch, causal: bool):
@@ -237,10 +282,23 @@ def main(argv=None) -> None:
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = LLaDA(cfg)
+    if args.embed_std != 0.02:  # a redraw only when asked, so that older commands keep their weights
+        torch.nn.init.normal_(model.model.transformer["wte"].weight, std=args.embed_std)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params / 1e6:.2f}M, vocab {cfg.vocab_size} (embedding {cfg.embedding_size})", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.to(device)
+    print(
+        f"params {n_params / 1e6:.2f}M, vocab {cfg.vocab_size} (embedding {cfg.embedding_size}), on {device}",
+        flush=True,
+    )
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    vectors = [p for p in model.parameters() if p.dim() <= 1]  # norms: no decay
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     task_stages = [(float(f), t.split("+")) for f, t in (s.split(":") for s in args.task_curriculum.split(","))]
     all_tasks = list(dict.fromkeys(t for _, ts in task_stages for t in ts)) + ["dense", "dense_chance"] * (
         args.dense_share > 0
@@ -263,6 +321,7 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         hint_w = args.hint_weight * ramp_down(frac, args.extras_from, args.hint_until)
         probe_w = args.probe_weight * ramp_down(frac, args.extras_from, args.probe_until)
+        route_w = args.route_weight * ramp_down(frac, args.extras_from, args.route_until)
         # draws only when an option is on, so that runs without them keep the seed's old batches
         causal = args.causal_until > 0 and rng.random() < causal_share(frac, args.causal_until, args.causal_off)
         dense_now = args.dense_share > 0 and frac < args.dense_until and rng.random() < args.dense_share
@@ -276,8 +335,9 @@ def main(argv=None) -> None:
                 causal,
                 ask=args.dense_ask,
             )
+            dense = to_device(dense, device)
             loss, slot_ok, slot_n = dense_loss(model, dense, causal)
-            aux = hint = probe = torch.zeros(())
+            aux = hint = probe = route = torch.zeros(())
             batch_tasks = ["dense"] * len(slot_ok)
             chance = (slot_n.float() / dense.pool.float()).round().long()  # hits of a 1/pool guesser
             for n_chance, n in zip(chance.tolist(), slot_n.tolist()):
@@ -285,21 +345,22 @@ def main(argv=None) -> None:
                     window[("dense_chance", causal)].append((n_chance, n))
         else:
             batch = make_batch(rng, tokenizer, tasks, length, max(1, args.batch_tokens // length), mask_id, eos_id)
-            loss, aux, hint, probe, slot_ok, slot_n = loss_fn(
-                model, batch, aux_w, args.aux_causal, hint_w, probe_w, causal
+            batch = to_device(batch, device)
+            loss, aux, hint, probe, route, slot_ok, slot_n = loss_fn(
+                model, batch, aux_w, args.aux_causal, hint_w, probe_w, causal, route_w
             )
             batch_tasks = batch.tasks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append((loss.item(), aux.item(), hint.item(), probe.item()))
+        losses.append((loss.item(), aux.item(), hint.item(), probe.item(), route.item()))
         for task, ok, n in zip(batch_tasks, slot_ok.tolist(), slot_n.tolist()):
             if n:
                 window[(task, causal)].append((ok, n))
         elapsed = time.time() - start
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
-            l_avg, a_avg, h_avg, p_avg = (sum(v) / len(losses) for v in zip(*losses))
+            l_avg, a_avg, h_avg, p_avg, r_avg = (sum(v) / len(losses) for v in zip(*losses))
             slot_acc = {
                 f"{t}{'~causal' if c else ''}": round(sum(o for o, _ in w) / sum(n for _, n in w), 4)
                 for t in all_tasks
@@ -313,7 +374,7 @@ def main(argv=None) -> None:
             share = causal_share(frac, args.causal_until, args.causal_off)
             print(
                 f"step {step + 1} {elapsed:.0f}s len<={top} causal {share:.2f} "
-                f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) probe {p_avg:.2f} slot-acc {accs}",
+                f"loss {l_avg:.3f} aux {a_avg:.3f} (w {aux_w:.2f}) hint {h_avg:.3f} (w {hint_w:.2f}) probe {p_avg:.2f} route {r_avg:.2f} slot-acc {accs}",
                 flush=True,
             )
             curve.append(

@@ -79,3 +79,61 @@ def test_model_card_reproduce_command_parses_back(tmp_path):
     again = parse_args(shlex.split(line.split("benchmarks.train_default_model", 1)[1]))
     assert vars(again) | {"out": None} == vars(args) | {"out": None}
     assert "It answers single_needle" in card and "part of multi_key" in card
+
+
+def test_first_hops_read_each_record_key_and_the_question_key(tokenizer):
+    """The first block's attention targets: a record value reads its key two back, a masked answer slot
+    reads the question's key, and that key's record in the prompt holds the slot's answer."""
+    from benchmarks.default_model.batches import make_batch
+
+    n = 256
+    tasks = ["single_needle", "multi_key", "multi_value", "kv_retrieval"]
+    batch = make_batch(random.Random(4), tokenizer, tasks, n, 16, tokenizer.mask_token_id, tokenizer.eos_token_id)
+    rows, src, dst = (t.tolist() for t in batch.route)
+    words = [tokenizer.convert_ids_to_tokens(r) for r in batch.targets.tolist()]
+    records = {(b, p) for b in range(len(words)) for p in range(2, n) if words[b][p - 1] in ("is", ":")}
+    records = {(b, p) for b, p in records if words[b][p - 3] in ("for", "{", ",")}  # `for K is V`, `, K : V`
+    slots = set()
+    for b, s, d in zip(rows, src, dst):
+        if s < n:
+            assert d == s - 2 and (b, s) in records, (words[b][s - 3 : s + 1], batch.tasks[b])
+        else:
+            slots.add((b, s))
+            assert batch.masked[b, s] and batch.answer_slot[b, s] and d == batch.query_pos[b]
+            answer, key = batch.targets[b, s].item(), batch.targets[b, d].item()
+            holders = [p for p in range(2, n) if batch.targets[b, p] == answer and batch.targets[b, p - 2] == key]
+            assert holders, (batch.tasks[b], words[b][d])
+    assert {(b, s) for b, s, _ in zip(rows, src, dst) if s < n} == records  # every record, nothing else
+    want = (batch.masked & batch.answer_slot & (batch.query_pos >= 0)[:, None]).nonzero().tolist()
+    assert slots == {tuple(x) for x in want} and len(slots) > 4
+
+
+def test_route_loss_is_the_first_blocks_attention_on_its_targets(tokenizer, monkeypatch):
+    """route_loss recomputes block 0's attention; it must be the attention the forward pass uses."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.default_model.batches import make_batch
+    from benchmarks.default_model.model import LLaDA, ModelConfig
+    from benchmarks.train_default_model import route_loss
+
+    torch.manual_seed(0)
+    n = len(tokenizer)
+    model = LLaDA(ModelConfig(vocab_size=n, embedding_size=n, n_layers=2, n_heads=4, n_kv_heads=2))
+    for p in model.parameters():  # sharper than the init, so that the attention is far from uniform
+        p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    batch = make_batch(random.Random(1), tokenizer, ["multi_key"], 96, 3, tokenizer.mask_token_id, 0)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        model(batch.ids)
+        got = route_loss(model, batch)
+    rows, src, dst = batch.route
+    want = -seen[0][rows, :, src, dst].mean(-1).log().mean()
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)

@@ -32,6 +32,7 @@ class Batch:
     probe_rows: torch.Tensor  # [N] sample of each supervised answer slot
     probe_cols: torch.Tensor  # [N] its position
     probe_targets: torch.Tensor  # [N, T] bool, the prompt positions the last layer should read there
+    route: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (sample, from, to): the first layer's hops
 
 
 def make_batch(
@@ -86,6 +87,7 @@ def make_batch(
         probe_rows=probe_rows,
         probe_cols=probe_cols,
         probe_targets=probe_targets,
+        route=first_hops(tokenizer, targets, length, slot_mask, query),
     )
 
 
@@ -124,6 +126,18 @@ def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor,
     key[rows] = tokens[rows, query[rows]]
     hint = torch.where(slots, key[:, None].expand_as(hint), hint)
     return hint
+
+
+def first_hops(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):
+    """(sample, from, to) of the two single-position hops of `hop_hints` as attention targets: each
+    record value reads its key two back, each masked answer slot reads the question's key."""
+    is_key, is_val, is_sep = _lookup(tokenizer)
+    p = tokens[:, :length]
+    record = torch.zeros_like(tokens, dtype=torch.bool)
+    record[:, 2:length] = is_val[p[:, 2:]] & is_sep[p[:, 1:-1]] & is_key[p[:, :-2]]
+    rows, cols = record.nonzero(as_tuple=True)
+    s_rows, s_cols = (slots & (query >= 0)[:, None]).nonzero(as_tuple=True)
+    return torch.cat([rows, s_rows]), torch.cat([cols, s_cols]), torch.cat([cols - 2, query[s_rows]])
 
 
 def answer_sources(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):

@@ -37,13 +37,13 @@ def generate(
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError("gen_length must be a multiple of block_length, and steps of the block count")
     b, n = prompt.shape
-    x = torch.full((b, n + gen_length), mask_id, dtype=torch.long)
+    x = torch.full((b, n + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :n] = prompt
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     for blk in range(num_blocks):
         start, end = n + blk * block_length, n + (blk + 1) * block_length
-        transfer = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        transfer = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block).tolist()
         for i in range(steps_per_block):
             mask_index = x == mask_id
             logits = model(x)
@@ -52,9 +52,9 @@ def generate(
             x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
             x0_p[:, end:] = -float("inf")
             x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.tensor(-float("inf"), dtype=x0_p.dtype))
+            confidence = x0_p.masked_fill(~mask_index, -float("inf"))
             for j in range(b):
-                k = int(transfer[j, i])
+                k = transfer[j][i]
                 if k:
                     idx = torch.topk(confidence[j], k).indices
                     x[j, idx] = x0[j, idx]

@@ -21,12 +21,13 @@ def evaluate(model, samples: list[Sample], mask_id: int, eos_id: int, batch_toke
         groups[(s.task, s.length, len(s.answer_token_ids))].append(s)
     correct: dict[tuple, list[bool]] = defaultdict(list)
     model.eval()
+    device = next(model.parameters()).device
     for (task, length, _), group in groups.items():
         gen_length = group[0].gen_length
         per_batch = max(1, batch_tokens // (length + gen_length))
         for i in range(0, len(group), per_batch):
             chunk = group[i : i + per_batch]
-            prompt = torch.tensor([s.prompt_token_ids for s in chunk])
+            prompt = torch.tensor([s.prompt_token_ids for s in chunk], device=device)
             out = generate(model, prompt, mask_id, gen_length)
             for s, row in zip(chunk, out.tolist()):
                 correct[(task, length)].append(s.is_answered_by(row, (eos_id,)))

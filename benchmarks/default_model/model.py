@@ -85,7 +85,7 @@ class ModelConfig:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -161,7 +161,7 @@ class LLaDA(nn.Module):
         (LLaDA itself is bidirectional); `hidden_after=i` also returns the residual after block i."""
         t = self.model.transformer
         x = t["wte"](ids)
-        cos, sin = rope_cos_sin(torch.arange(ids.shape[1]), self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(torch.arange(ids.shape[1], device=ids.device), self.cfg.head_dim, self.cfg.rope_theta)
         hidden = None
         for i, block in enumerate(t["blocks"]):
             x = block(x, cos, sin, causal)
@@ -180,7 +180,7 @@ def save_checkpoint(model: LLaDA, directory: str | os.PathLike, dtype: torch.dty
     """Write config.json and model.safetensors in the released LLaDA layout."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.cfg.to_llada_json()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")

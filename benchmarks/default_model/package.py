@@ -51,7 +51,19 @@ def learned_paragraph(acc: dict) -> str:
 
 
 def recipe_paragraph(a: dict) -> str:
-    """The causal-then-bidirectional schedule and the dense batches, when the run used them."""
+    """The attention targets, the causal-then-bidirectional schedule and the dense batches, when the run used them."""
+    if a.get("route_weight") or a.get("probe_weight"):
+        return (
+            "Training: LLaDA's SFT loss on the response only, bidirectional attention throughout, plus two "
+            "training-only attention targets that name the key-match circuit, annealed linearly to zero at "
+            f"{100 * max(a.get('route_until', 0), a.get('probe_until', 0)):.0f}% of the steps: the first block "
+            "should read, at each record value, its key two tokens back and, at each masked answer slot, the "
+            "question's key (`--route-weight`); head 0 of the last block should read, from each masked answer "
+            "slot, the value of the record with the asked key (`--probe-weight`). With a unit-scale embedding "
+            f"(`--embed-std {a.get('embed_std', 0.02)}`), lr {a['lr']:g} and weight decay "
+            f"{a.get('weight_decay', 0.0):g}, so that a token's own embedding is not drowned by the blocks' outputs. "
+            "Learning curves of this run and of the attempts before it: `benchmarks/default_model/curves/`."
+        )
     if not a.get("causal_until") and not a.get("dense_share"):
         return "Training: LLaDA's SFT loss on the response only, bidirectional attention throughout."
     which = "dense" if a.get("causal_dense_only") else "all"
