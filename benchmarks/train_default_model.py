@@ -60,36 +60,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4500)
-    p.add_argument("--minutes", type=float, default=85.0, help="stop (and still save) past this wall time")
+    p.add_argument("--steps", type=int, default=13000)
+    p.add_argument("--minutes", type=float, default=150.0, help="stop (and still save) past this wall time")
     p.add_argument(
         "--task-curriculum",
-        default="0:single_needle,0.15:single_needle+single_needle+multi_key+multi_value",
-        help="fraction:task+task stages (the first stage forms the find-and-copy circuit alone)",
+        default="0:multi_key+multi_key+multi_key+single_needle,0.2:single_needle+multi_key+multi_key+multi_value+multi_value",
+        help="fraction:task+task stages (the first stage forms the key-match circuit at short length)",
     )
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the matrices")
-    p.add_argument("--embed-std", type=float, default=0.02, help="init std of the (tied) embedding")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    p.add_argument("--embed-std", type=float, default=1.0, help="init std of the (tied) embedding")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=2)
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument(
         "--curriculum",
-        default="0:96,0.15:128,0.3:256,0.5:512",
+        default="0:128,0.2:256,0.32:512,0.5:1024,0.68:2048",
         help="fraction:max_prompt_tokens stages; half the batches use the stage's top length range",
     )
-    p.add_argument("--extras-from", type=float, default=0.15, help="fraction of steps where the extra losses start")
+    p.add_argument("--extras-from", type=float, default=0.0, help="fraction of steps where the extra losses start")
     p.add_argument("--aux-weight", type=float, default=0.0, help="weight of the key-position answer loss")
     p.add_argument("--aux-until", type=float, default=0.55, help="fraction of steps where aux reaches 0")
     p.add_argument("--hint-weight", type=float, default=0.0, help="weight of the early-layer hop hints")
     p.add_argument("--hint-until", type=float, default=0.45, help="fraction of steps where hints reach 0")
-    p.add_argument("--probe-weight", type=float, default=0.0, help="weight of the last-layer attention target")
-    p.add_argument("--probe-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
-    p.add_argument("--route-weight", type=float, default=0.0, help="weight of the first block's attention hops")
-    p.add_argument("--route-until", type=float, default=0.45, help="fraction of steps where it reaches 0")
+    p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the last-layer attention target")
+    p.add_argument("--probe-until", type=float, default=0.9, help="fraction of steps where it reaches 0")
+    p.add_argument("--route-weight", type=float, default=1.0, help="weight of the first block's attention hops")
+    p.add_argument("--route-until", type=float, default=0.9, help="fraction of steps where it reaches 0")
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
     p.add_argument(
         "--causal-until",
@@ -284,7 +284,7 @@ def main(argv=None) -> None:
     )
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = LLaDA(cfg)
-    if args.embed_std != 0.02:  # a redraw only when asked, so that older commands keep their weights
+    if args.embed_std != 0.02:  # the model's own init draws N(0, 0.02): redraw only when it differs
         torch.nn.init.normal_(model.model.transformer["wte"].weight, std=args.embed_std)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
@@ -416,6 +416,7 @@ def main(argv=None) -> None:
         "train_seconds": round(train_s),
         "eval_seconds": round(time.time() - t0),
         "params": n_params,
+        "device": "a GPU" if device.type == "cuda" else "the CPU",
         "accuracy": {f"{t}@{n}": a for (t, n), a in acc.items()},
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

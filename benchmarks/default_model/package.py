@@ -31,18 +31,28 @@ def write_profile(model_dir: Path) -> Path:
 
 
 def learned_paragraph(acc: dict) -> str:
-    """Which tasks the model answers (>= 90% at 1k and 2k), which only partly, and which not at all."""
+    """Which tasks the model answers (>= 90% at 1k and 2k), up to which length it answers the others
+    (>= 90% from the shortest length on), which only partly, and which not at all."""
     tasks = sorted({t for t, _ in acc})
+    lengths = sorted({int(n) for _, n in acc})
 
     def at(t, n):
         return acc.get((t, str(n)), 0.0)
 
     learned = [t for t in tasks if min(at(t, 1024), at(t, 2048)) >= 0.9]
-    partial = [t for t in tasks if t not in learned and max(at(t, n) for _, n in acc if _ == t) >= 0.2]
-    rest = [t for t in tasks if t not in learned and t not in partial]
+    up_to = {}
+    for t in tasks:
+        reach = [n for i, n in enumerate(lengths) if all(at(t, m) >= 0.9 for m in lengths[: i + 1])]
+        if t not in learned and reach:
+            up_to[t] = reach[-1]
+    partial = [t for t in tasks if t not in learned and t not in up_to and max(at(t, n) for n in lengths) >= 0.2]
+    rest = [t for t in tasks if t not in learned and t not in up_to and t not in partial]
     parts = []
     if learned:
         parts.append(f"It answers {', '.join(learned)} (at least 90% at 1k and 2k tokens).")
+    for t, n in up_to.items():
+        longer = ", ".join(f"{100 * at(t, m):.0f}% at {m}" for m in lengths if m > n)
+        parts.append(f"It answers {t} up to {n} tokens (at least 90%; {longer}).")
     if partial:
         parts.append(f"It answers part of {', '.join(partial)}.")
     if rest:
@@ -86,6 +96,8 @@ def write_model_card(model_dir: Path) -> Path:
     lengths = sorted({int(n) for _, n in acc})
     table = format_table({(t, int(n)): v for (t, n), v in acc.items()}, lengths)
     a = summary["args"]
+    threads = a.get("threads", 1)
+    where = "a GPU" if summary.get("device") == "a GPU" else f"{threads} CPU thread{'s' * (threads > 1)}"
     flags = " ".join(  # a store_true option is written bare when set, left out when not
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
         for k, v in a.items()
@@ -94,8 +106,7 @@ def write_model_card(model_dir: Path) -> Path:
     card = f"""# maskkv-engine default model
 
 A {summary["params"] / 1e6:.2f}M-parameter LLaDA (masked diffusion, bidirectional attention, RoPE) trained
-from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on one thread of a 2-core
-CPU: {summary["train_seconds"] / 60:.0f} minutes of training ({summary["train_seconds"]:,} s, {summary["steps_done"]:,} steps)
+from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on {where}: {summary["train_seconds"] / 60:.0f} minutes of training ({summary["train_seconds"]:,} s, {summary["steps_done"]:,} steps)
 plus {summary["eval_seconds"] / 60:.0f} minutes of evaluation (`train_summary.json`). It exists so that the engine,
 its tests and its benchmarks have a real model that needs its prompt: it is not a language model.
 
@@ -120,7 +131,8 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
     python -m benchmarks.default_model.package benchmarks/out/default_model
 
 The schedule is by steps (the same seed gives the same model); `--minutes {a["minutes"]:g}` only stops a run
-that overruns, it is not the expected time.
+that overruns, it is not the expected time. This run used `--device {a.get("device", "cpu")}` on
+{summary.get("device", "the CPU")}; `--device cuda` runs the same schedule on a GPU.
 """
     (model_dir / "README.md").write_text(card)
     return model_dir / "README.md"
