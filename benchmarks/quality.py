@@ -3,10 +3,11 @@
 For each task of the synthetic suite (benchmarks/longctx), prompt length and needle depth, the model
 answers with each policy (none, full, maskkv, snapkv, pyramidkv, adakv, squeeze) at each budget (KV
 pairs kept per head); a sample is correct when its answer, cut at the first EOS, matches exactly.
-Retention = accuracy / accuracy at full cache. Decoding is LLaDA's reference rule, greedy, one token
+Retention = accuracy / accuracy at full cache. Every pooled accuracy carries its 95% Wilson interval, and
+MaskKV separates from a baseline at a budget when the two intervals are disjoint. Decoding is LLaDA's reference rule, greedy, one token
 per step (gen_length = answer length + 3 EOS slots: Sample.gen_length), as the model was trained and evaluated.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.quality                    # the whole grid, a few minutes
+    OMP_NUM_THREADS=1 python -m benchmarks.quality                    # the whole grid, ~13 minutes on one CPU thread
     python -m benchmarks.quality --lengths 512 --n 4 --budgets 16      # a quick look
     python -m benchmarks.quality --replot                              # redraw the PNGs from RESULTS.md
 
