@@ -131,6 +131,11 @@ def retention(results: dict, name: str, tasks: list[str]) -> float | None:
     return sum(results[name]["by_task"][t] for t in tasks) / full if tasks and full else None
 
 
+def budget_header(budgets: list[int]) -> list[str]:
+    """The two header lines of a policy x budget table."""
+    return ["| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+
+
 def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> list[str]:
     """Accuracy with its 95% interval and retention (policy x budget, pooled over the learned tasks), the
     same per learned task, and accuracy per task at budget ``at``."""
@@ -140,8 +145,7 @@ def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> li
         f"Accuracy on the learned tasks ({', '.join(known) or 'none'}), pooled, with its 95% Wilson interval, and "
         f"its retention vs the full cache ({100 * k / n:.0f}%), per KV pairs per head:",
         "",
-        "| policy | " + " | ".join(str(b) for b in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
+        *budget_header(budgets),
     ]
     for label in PRUNING:
         cells = []
@@ -152,7 +156,7 @@ def markdown(results: dict, tasks: list[str], budgets: list[int], at: int) -> li
     for task in known if len(known) > 1 else []:
         full = cell(*results["full"]["by_task_counts"][task])
         lines += ["", f"{task} (full cache {full}), per KV pairs per head:", ""]
-        lines += ["| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        lines += budget_header(budgets)
         for label in PRUNING:
             row = [cell(*results[f"{label}@{b}"]["by_task_counts"][task]) for b in budgets]
             lines.append(f"| {label} | " + " | ".join(row) + " |")

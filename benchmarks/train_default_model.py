@@ -178,11 +178,8 @@ def route_loss(model: LLaDA, batch) -> torch.Tensor:
     block = model.model.transformer["blocks"][0]
     c = model.cfg
     h = block.attn_norm(model.model.transformer["wte"](batch.ids))
-    b, t, _ = h.shape
-    cos, sin = rope_cos_sin(torch.arange(t, device=h.device), c.head_dim, c.rope_theta)
-    q = apply_rope(block.q_proj(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2), cos, sin)
-    k = apply_rope(block.k_proj(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
-    k = k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
+    cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), c.head_dim, c.rope_theta)
+    q, k = block.queries_keys(h, cos, sin)
     logp = torch.log_softmax(q @ k.transpose(-1, -2) / math.sqrt(c.head_dim), dim=-1)  # [B, H, T, T]
     picked = logp.permute(0, 2, 3, 1)[rows, src, dst]  # [N, H]
     return -(torch.logsumexp(picked, dim=-1) - math.log(c.n_heads)).mean()

@@ -112,15 +112,19 @@ def _lookup(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _tables[id(tokenizer)]
 
 
+def record_values(tokenizer, prompt: torch.Tensor) -> torch.Tensor:
+    """[B, L - 2] bool: whether prompt position j + 2 is the value of a record `K is V` / `K : V`."""
+    is_key, is_val, is_sep = _lookup(tokenizer)
+    return is_val[prompt[:, 2:]] & is_sep[prompt[:, 1:-1]] & is_key[prompt[:, :-2]]
+
+
 def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Targets for an early layer: the key of each record at its value (`K is V`, `K : V`: two back),
     and the question's key at each masked answer slot. These are the two single-hop moves that a
     key-matching circuit needs before a later layer can match keys and copy the value."""
-    is_key, is_val, is_sep = _lookup(tokenizer)
     hint = torch.full_like(tokens, -100)
     p = tokens[:, :length]
-    record = is_val[p[:, 2:]] & is_sep[p[:, 1:-1]] & is_key[p[:, :-2]]
-    hint[:, 2:length] = torch.where(record, p[:, :-2], hint[:, 2:length])
+    hint[:, 2:length] = torch.where(record_values(tokenizer, p), p[:, :-2], hint[:, 2:length])
     rows = (query >= 0).nonzero().squeeze(1)
     key = torch.full((tokens.shape[0],), -100, dtype=tokens.dtype)
     key[rows] = tokens[rows, query[rows]]
@@ -131,11 +135,8 @@ def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor,
 def first_hops(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):
     """(sample, from, to) of the two single-position hops of `hop_hints` as attention targets: each
     record value reads its key two back, each masked answer slot reads the question's key."""
-    is_key, is_val, is_sep = _lookup(tokenizer)
-    p = tokens[:, :length]
-    record = torch.zeros_like(tokens, dtype=torch.bool)
-    record[:, 2:length] = is_val[p[:, 2:]] & is_sep[p[:, 1:-1]] & is_key[p[:, :-2]]
-    rows, cols = record.nonzero(as_tuple=True)
+    rows, cols = record_values(tokenizer, tokens[:, :length]).nonzero(as_tuple=True)
+    cols = cols + 2
     s_rows, s_cols = (slots & (query >= 0)[:, None]).nonzero(as_tuple=True)
     return torch.cat([rows, s_rows]), torch.cat([cols, s_cols]), torch.cat([cols - 2, query[s_rows]])
 

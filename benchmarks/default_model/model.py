@@ -114,17 +114,22 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
+    def queries_keys(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys [B, H, T, D] of the normed input ``h``, keys repeated per query head
+        (query head i reads kv head i // group). Training losses on the attention pattern use it too."""
+        b, t, _ = h.shape
+        c = self.cfg
+        q = apply_rope(self.q_proj(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+        return q, k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool = False) -> torch.Tensor:
         b, t, _ = x.shape
         c = self.cfg
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = self.queries_keys(h, cos, sin)
         v = self.v_proj(h).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        group = c.n_heads // c.n_kv_heads
-        if group > 1:  # query head i reads kv head i // group
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(head_dim)
         x = x + self.attn_out(o.transpose(1, 2).reshape(b, t, -1))
         h = self.ff_norm(x)
