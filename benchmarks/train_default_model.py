@@ -1,9 +1,11 @@
-"""Train the shipped default model: a small LLaDA on the synthetic long-context suite, on a CPU or a GPU.
+"""Train a small LLaDA on the synthetic long-context suite, on a CPU or a GPU: one stage of the default model.
 
     python -m benchmarks.train_default_model --out benchmarks/out/default_model [--device cuda]
+    python -m benchmarks.default_model.recipe          # the shipped model: this trainer's stages in turn
 
-Recipe (measured on a 2-core CPU, issue 20; curves in benchmarks/default_model/curves/): d_model 128,
-2 layers, 2 heads, tied embeddings, the suite's word-level tokenizer (disjoint id ranges for filler, keys,
+The defaults are the first stage; `--init-from DIR` starts a later stage from a checkpoint (the recipe's
+stages 2-3 add variable_tracking and train at 1k-2k tokens). First stage (measured on a 2-core CPU,
+issue 20; curves in benchmarks/default_model/curves/): d_model 128, 2 layers, 2 heads, tied embeddings, the suite's word-level tokenizer (disjoint id ranges for filler, keys,
 values, ids), LLaDA's SFT loss on the response only, bidirectional attention throughout, 2k tokens per
 batch, AdamW (betas 0.9/0.95, warmup, cosine) and a length curriculum that reaches the target length
 early while half the batches stay shorter. Two things made the key-matching tasks learnable:
@@ -14,7 +16,9 @@ early while half the batches stay shorter. Two things made the key-matching task
   reads each record's key from its value and the question's key from the masked answer slot; head 0 of the
   last block reads, from the answer slot, the value of the record whose key was asked. Without them the
   answer slot stayed at picking a random value (1/records), with them alone (old scale) the attention was
-  right but the answer was not copied.
+  right but the answer was not copied. variable_tracking gets the same kind of targets (batches.py): in
+  `var L = R` the first block reads R at L, answer slots after the first read the slot before, and the last
+  block reads the variable assigned from the slot's query, so the chain is decoded one link per step.
 Other options are earlier attempts, kept so their curves can be reproduced (all off by default): hop
 hints through the LM head (--hint-weight), a key-position answer loss (--aux-weight), dense key-recall
 batches (--dense-*, default_model/dense.py) and causal-then-bidirectional schedules (--causal-*).
@@ -39,7 +43,14 @@ import torch.nn.functional as F
 from benchmarks.default_model.batches import make_batch
 from benchmarks.default_model.dense import DenseRecall
 from benchmarks.default_model.evaluate import evaluate, format_table
-from benchmarks.default_model.model import LLaDA, ModelConfig, apply_rope, rope_cos_sin, save_checkpoint
+from benchmarks.default_model.model import (
+    LLaDA,
+    ModelConfig,
+    apply_rope,
+    load_checkpoint,
+    rope_cos_sin,
+    save_checkpoint,
+)
 from benchmarks.default_model.package import write_model_card, write_profile
 from benchmarks.longctx import TASKS, build_tokenizer, generate_suite
 
@@ -60,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model", help="checkpoint directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this checkpoint directory (its shape wins over --d-model etc.): a second stage",
+    )
     p.add_argument("--steps", type=int, default=13000)
     p.add_argument("--minutes", type=float, default=150.0, help="stop (and still save) past this wall time")
     p.add_argument(
@@ -280,9 +296,13 @@ def main(argv=None) -> None:
         pad_token_id=eos_id,
     )
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model = LLaDA(cfg)
-    if args.embed_std != 0.02:  # the model's own init draws N(0, 0.02): redraw only when it differs
-        torch.nn.init.normal_(model.model.transformer["wte"].weight, std=args.embed_std)
+    if args.init_from:
+        model = load_checkpoint(args.init_from).train()
+        cfg = model.cfg
+    else:
+        model = LLaDA(cfg)
+        if args.embed_std != 0.02:  # the model's own init draws N(0, 0.02): redraw only when it differs
+            torch.nn.init.normal_(model.model.transformer["wte"].weight, std=args.embed_std)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     print(
@@ -416,6 +436,9 @@ def main(argv=None) -> None:
         "device": "a GPU" if device.type == "cuda" else "the CPU",
         "accuracy": {f"{t}@{n}": a for (t, n), a in acc.items()},
     }
+    before = Path(args.init_from or "") / "train_summary.json"
+    if args.init_from and before.exists():  # the model card lists every stage's command
+        summary["init_summary"] = json.loads(before.read_text())
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_profile(out)
     write_model_card(out)

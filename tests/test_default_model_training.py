@@ -137,3 +137,72 @@ def test_route_loss_is_the_first_blocks_attention_on_its_targets(tokenizer, monk
     rows, src, dst = batch.route
     want = -seen[0][rows, :, src, dst].mean(-1).log().mean()
     assert torch.allclose(got, want, rtol=1e-4), (got, want)
+
+
+def test_chain_targets_follow_variable_tracking_one_link_at_a_time(tokenizer):
+    """variable_tracking's targets: each assigned variable reads what it is assigned (`var L = R`, two
+    ahead); the first answer slot reads the question's value, later slots the slot before; the last
+    block reads, at a slot, the variable assigned from that slot's query, only when that query is known
+    (the question's value, or an unmasked answer before it)."""
+    from benchmarks.default_model.batches import make_batch
+
+    n = 192
+    batch = make_batch(
+        random.Random(7), tokenizer, ["variable_tracking"], n, 24, tokenizer.mask_token_id, tokenizer.eos_token_id
+    )
+    words = [tokenizer.convert_ids_to_tokens(r) for r in batch.targets.tolist()]
+    masked = batch.masked & batch.answer_slot
+    rows, src, dst = (t.tolist() for t in batch.route)
+    links = {(b, p) for b in range(len(words)) for p in range(1, n - 2) if words[b][p - 1] == "var"}
+    assert {(b, s) for b, s, _ in zip(rows, src, dst) if s < n} == links and len(links) == 4 * len(words)
+    for b, s, d in zip(rows, src, dst):
+        if s < n:
+            assert words[b][s + 1] == "=" and d == s + 2
+        else:
+            assert masked[b, s] and d == (batch.query_pos[b] if s == n else s - 1)
+    probed = {(b, c) for b, c in zip(batch.probe_rows.tolist(), batch.probe_cols.tolist())}
+    for b, c in masked.nonzero().tolist():
+        if c - n >= 4:  # EOS padding
+            continue
+        query = batch.targets[b, batch.query_pos[b] if c == n else c - 1].item()
+        known = c == n or not masked[b, c - 1]
+        assert ((b, c) in probed) == known
+        if known:
+            i = sorted(probed).index((b, c))
+            target = batch.probe_targets[i].nonzero().squeeze(1).tolist()
+            assert len(target) == 1 and words[b][target[0] - 1] == "var"  # the assigned variable itself
+            assert batch.targets[b, target[0] + 2].item() == query
+            assert batch.targets[b, target[0]] == batch.targets[b, c]
+    assert len(probed) > 10
+
+
+def test_model_card_of_a_second_stage_lists_both_commands_chained(tmp_path):
+    """A run started --init-from another checkpoint: the card gives the first run's command, then the
+    second's starting from the first's output, and the total training time of both."""
+    first = parse_args(["--steps", "13000"])
+    second = parse_args(["--init-from", "/tmp/somewhere", "--steps", "4000", "--lr", "5e-4"])
+    base = {"params": 520000, "eval_seconds": 6, "accuracy": {"multi_key@1024": 0.9, "multi_key@2048": 0.95}}
+    summary = base | {"args": vars(second), "train_seconds": 600, "steps_done": 4000}
+    summary["init_summary"] = base | {"args": vars(first), "train_seconds": 3000, "steps_done": 13000}
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    cfg = {"d_model": 128, "n_layers": 2, "n_heads": 2, "mlp_hidden_size": 384, "vocab_size": 723}
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"max_sequence_length": 8192}))
+    card = write_model_card(tmp_path).read_text()
+    lines = [x.split("benchmarks.train_default_model", 1)[1] for x in card.splitlines() if "train_default_model" in x]
+    assert len(lines) == 2 and "60 minutes of training in 2 stages" in card and "13,000 + 4,000 steps" in card
+    one, two = (parse_args(shlex.split(x)) for x in lines)
+    assert vars(one) | {"out": None} == vars(first) | {"out": None}
+    assert two.init_from == one.out and vars(two) | {"out": None, "init_from": None} == vars(second) | {
+        "out": None,
+        "init_from": None,
+    }
+
+
+def test_recipe_stages_chain_and_parse():
+    """Each stage of the shipped recipe parses, writes its own directory and starts from the one before."""
+    from benchmarks.default_model.recipe import STAGES, stage_argv
+
+    parsed = [parse_args(stage_argv(i, "out/m", "cpu")) for i in range(len(STAGES))]
+    assert parsed[0].init_from is None and parsed[-1].out == "out/m"
+    for before, after in zip(parsed, parsed[1:]):
+        assert after.init_from == before.out != after.out

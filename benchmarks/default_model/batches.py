@@ -118,6 +118,13 @@ def record_values(tokenizer, prompt: torch.Tensor) -> torch.Tensor:
     return is_val[prompt[:, 2:]] & is_sep[prompt[:, 1:-1]] & is_key[prompt[:, :-2]]
 
 
+def chain_links(tokenizer, prompt: torch.Tensor) -> torch.Tensor:
+    """[B, L - 3] bool: whether prompt position j starts a variable assignment `var L = R`
+    (L at j + 1, R at j + 3): variable tracking's records, read right to left."""
+    var_id, eq_id = tokenizer.convert_tokens_to_ids(["var", "="])
+    return (prompt[:, :-3] == var_id) & (prompt[:, 2:-1] == eq_id)
+
+
 def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Targets for an early layer: the key of each record at its value (`K is V`, `K : V`: two back),
     and the question's key at each masked answer slot. These are the two single-hop moves that a
@@ -133,18 +140,30 @@ def hop_hints(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor,
 
 
 def first_hops(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):
-    """(sample, from, to) of the two single-position hops of `hop_hints` as attention targets: each
-    record value reads its key two back, each masked answer slot reads the question's key."""
+    """(sample, from, to) of the first block's single-position hops: each record value reads its key
+    two back, each assigned variable reads what it is assigned two ahead (`var L = R`: L reads R),
+    and each masked answer slot reads the question's key; in a prompt of assignments, answer slots
+    after the first read the slot before instead (the chain's next link is found from it)."""
     rows, cols = record_values(tokenizer, tokens[:, :length]).nonzero(as_tuple=True)
     cols = cols + 2
+    l_rows, l_cols = chain_links(tokenizer, tokens[:, :length]).nonzero(as_tuple=True)
+    l_cols = l_cols + 1
     s_rows, s_cols = (slots & (query >= 0)[:, None]).nonzero(as_tuple=True)
-    return torch.cat([rows, s_rows]), torch.cat([cols, s_cols]), torch.cat([cols - 2, query[s_rows]])
+    chained = chain_links(tokenizer, tokens[:, :length]).any(1)[s_rows] & (s_cols > length)
+    s_dst = torch.where(chained, s_cols - 1, query[s_rows])
+    return (
+        torch.cat([rows, l_rows, s_rows]),
+        torch.cat([cols, l_cols, s_cols]),
+        torch.cat([cols - 2, l_cols + 2, s_dst]),
+    )
 
 
 def answer_sources(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor, query: torch.Tensor):
-    """For each masked answer slot of a keyed sample, the prompt positions holding its answer in a
-    record of the asked key (`K is V`, `K : V`): where the last layer should attend to copy it.
-    Slots whose answer has no such record (variable tracking, common words) are left out."""
+    """For each masked answer slot of a keyed sample, the prompt positions holding its answer where
+    the last layer should attend to copy it: the value of a record of the asked key (`K is V`,
+    `K : V`), or, in a prompt of assignments, the variable assigned from the slot's query (the
+    question's value for the first slot, the answer before it for the others; those whose answer
+    before is still masked are left out). Slots with no such source (common words) are left out."""
     rows, cols = slots.nonzero(as_tuple=True)
     keep = query[rows] >= 0
     rows, cols = rows[keep], cols[keep]
@@ -155,5 +174,11 @@ def answer_sources(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Te
     answer = tokens[rows, cols]
     targets = torch.zeros(len(rows), tokens.shape[1], dtype=torch.bool)
     targets[:, 2:length] = (prompt[:, 2:] == answer[:, None]) & (prompt[:, :-2] == key[:, None])
+    links = chain_links(tokenizer, prompt)
+    chained = links.any(1)
+    assigned = torch.zeros_like(targets)
+    assigned[:, 1 : length - 2] = links & (prompt[:, 1:-2] == answer[:, None])
+    known = (cols == length) | ~slots[rows, cols - 1]
+    targets = torch.where(chained[:, None], assigned & known[:, None], targets)
     found = targets.any(1)
     return rows[found], cols[found], targets[found]

@@ -1,6 +1,6 @@
 """Turn a trained checkpoint directory into the shipped asset: MaskKV profile and model card.
 
-    python -m benchmarks.default_model.package benchmarks/out/default_model
+    python -m benchmarks.default_model.package benchmarks/out/default_model [--evaluate 50]
 
 The profile is calibrated on suite prompts (all tasks, 1k tokens) from a seed the evaluation never
 uses, so that the engine's layer-by-layer prefill eviction has the statistics of the prompts the
@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-from benchmarks.default_model.evaluate import format_table
+import torch
+
+from benchmarks.default_model.evaluate import evaluate, format_table
+from benchmarks.default_model.model import load_checkpoint
 from benchmarks.longctx import TASKS, generate_suite, load_tokenizer
 
 CALIBRATION_SEED = 999  # evaluation uses 12345 (training summary) and 7 / 2026 (tests, quality benchmark)
@@ -69,7 +73,11 @@ def recipe_paragraph(a: dict) -> str:
             f"{100 * max(a.get('route_until', 0), a.get('probe_until', 0)):.0f}% of the steps: the first block "
             "should read, at each record value, its key two tokens back and, at each masked answer slot, the "
             "question's key (`--route-weight`); head 0 of the last block should read, from each masked answer "
-            "slot, the value of the record with the asked key (`--probe-weight`). With a unit-scale embedding "
+            "slot, the value of the record with the asked key (`--probe-weight`). In variable_tracking's "
+            "assignments `var L = R` the first block reads R at L, the answer slots after the first read the "
+            "slot before, and the last block reads, from a slot, the variable assigned from that slot's query "
+            "(the question's value, then each answer in turn), so the chain is decoded one link per step. "
+            "With a unit-scale embedding "
             f"(`--embed-std {a.get('embed_std', 0.02)}`), lr {a['lr']:g} and weight decay "
             f"{a.get('weight_decay', 0.0):g}, so that a token's own embedding is not drowned by the blocks' outputs. "
             "Learning curves of this run and of the attempts before it: `benchmarks/default_model/curves/`."
@@ -89,24 +97,52 @@ def recipe_paragraph(a: dict) -> str:
     )
 
 
+def stages(summary: dict) -> list[dict]:
+    """The training runs behind a checkpoint, first to last: a run started `--init-from` another
+    checkpoint carries that checkpoint's summary as `init_summary`."""
+    before = stages(summary["init_summary"]) if summary.get("init_summary") else []
+    return before + [summary]
+
+
+def reproduce_commands(runs: list[dict]) -> list[str]:
+    """One trainer command per run, each writing its own directory, each later run starting from the
+    one before."""
+    lines = []
+    for i, run in enumerate(runs):
+        a = dict(run["args"])
+        out = "benchmarks/out/default_model" + (f"_stage{i + 1}" if i < len(runs) - 1 else "")
+        if i:
+            a["init_from"] = "benchmarks/out/default_model" + (f"_stage{i}")
+        flags = " ".join(  # a store_true option is written bare when set, left out when not
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in a.items()
+            if k != "out" and v is not None and v is not False
+        )
+        lines.append(f"python -m benchmarks.train_default_model --out {out} {flags}")
+    return lines
+
+
 def write_model_card(model_dir: Path) -> Path:
     summary = json.loads((model_dir / "train_summary.json").read_text())
     cfg = json.loads((model_dir / "config.json").read_text())
     acc = {tuple(k.split("@")): v for k, v in summary["accuracy"].items()}
     lengths = sorted({int(n) for _, n in acc})
     table = format_table({(t, int(n)): v for (t, n), v in acc.items()}, lengths)
+    runs = stages(summary)
     a = summary["args"]
     threads = a.get("threads", 1)
     where = "a GPU" if summary.get("device") == "a GPU" else f"{threads} CPU thread{'s' * (threads > 1)}"
-    flags = " ".join(  # a store_true option is written bare when set, left out when not
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in a.items()
-        if k != "out" and v is not None and v is not False
+    train_s = sum(r["train_seconds"] for r in runs)
+    steps = " + ".join(f"{r['steps_done']:,}" for r in runs)
+    in_stages = f" in {len(runs)} stages" if len(runs) > 1 else ""
+    commands = "\n".join(f"    {c}" for c in reproduce_commands(runs))
+    recipe = "\n\n".join(
+        (f"Stage {i + 1}: " if len(runs) > 1 else "") + recipe_paragraph(r["args"]) for i, r in enumerate(runs)
     )
     card = f"""# maskkv-engine default model
 
 A {summary["params"] / 1e6:.2f}M-parameter LLaDA (masked diffusion, bidirectional attention, RoPE) trained
-from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on {where}: {summary["train_seconds"] / 60:.0f} minutes of training ({summary["train_seconds"]:,} s, {summary["steps_done"]:,} steps)
+from scratch on this repository's synthetic long-context suite (`benchmarks/longctx`), on {where}: {train_s / 60:.0f} minutes of training{in_stages} ({train_s:,} s, {steps} steps)
 plus {summary["eval_seconds"] / 60:.0f} minutes of evaluation (`train_summary.json`). It exists so that the engine,
 its tests and its benchmarks have a real model that needs its prompt: it is not a language model.
 
@@ -123,11 +159,11 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 
 {learned_paragraph(acc)}
 
-{recipe_paragraph(a)}
+{recipe}
 
 ## Reproduce
 
-    python -m benchmarks.train_default_model --out benchmarks/out/default_model {flags}
+{commands}
     python -m benchmarks.default_model.package benchmarks/out/default_model
 
 The schedule is by steps (the same seed gives the same model); `--minutes {a["minutes"]:g}` only stops a run
@@ -138,10 +174,32 @@ that overruns, it is not the expected time. This run used `--device {a.get("devi
     return model_dir / "README.md"
 
 
+def reevaluate(model_dir: Path, n: int, lengths: str) -> dict:
+    """Evaluate the checkpoint again (full cache, the trainer's seed) and record it in train_summary.json,
+    with the evaluation options, as if the run had evaluated so itself."""
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(str(model_dir))
+    suite = generate_suite(list(TASKS), [int(x) for x in lengths.split(",")], n, seed=12345, tokenizer=tokenizer)
+    t0 = time.time()
+    acc = evaluate(load_checkpoint(model_dir), suite, tokenizer.mask_token_id, tokenizer.eos_token_id)
+    path = model_dir / "train_summary.json"
+    summary = json.loads(path.read_text())
+    summary["args"] |= {"eval_n": n, "eval_lengths": lengths}
+    summary["eval_seconds"] = round(time.time() - t0)
+    summary["accuracy"] = {f"{t}@{length}": a for (t, length), a in acc.items()}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return acc
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path)
+    p.add_argument("--evaluate", type=int, default=0, help="first re-evaluate with this many samples per cell")
+    p.add_argument("--eval-lengths", default="256,512,1024,2048")
     args = p.parse_args(argv)
+    if args.evaluate:
+        acc = reevaluate(args.model_dir, args.evaluate, args.eval_lengths)
+        print(format_table(acc, [int(x) for x in args.eval_lengths.split(",")]))
     print("wrote", write_profile(args.model_dir))
     print("wrote", write_model_card(args.model_dir))
 
