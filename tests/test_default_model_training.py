@@ -206,3 +206,20 @@ def test_recipe_stages_chain_and_parse():
     assert parsed[0].init_from is None and parsed[-1].out == "out/m"
     for before, after in zip(parsed, parsed[1:]):
         assert after.init_from == before.out != after.out
+
+
+def test_recipe_is_what_trained_the_shipped_model():
+    """The shipped model's train_summary.json records every stage's arguments: the recipe must give
+    the same ones (only where the output goes, the overrun guard and the evaluation may differ)."""
+    from pathlib import Path
+
+    from benchmarks.default_model.package import stages
+    from benchmarks.default_model.recipe import STAGES, stage_argv
+
+    asset = Path(__file__).parent.parent / "maskkv_engine/assets/default_model/train_summary.json"
+    runs = stages(json.loads(asset.read_text()))
+    free = {"out", "init_from", "minutes", "eval_n", "eval_lengths", "device"}
+    assert len(runs) == len(STAGES)
+    for i, run in enumerate(runs):
+        want = {k: v for k, v in vars(parse_args(stage_argv(i, "x", "cpu"))).items() if k not in free}
+        assert {k: v for k, v in run["args"].items() if k not in free} == want, f"stage {i + 1}"

@@ -73,11 +73,7 @@ def recipe_paragraph(a: dict) -> str:
             f"{100 * max(a.get('route_until', 0), a.get('probe_until', 0)):.0f}% of the steps: the first block "
             "should read, at each record value, its key two tokens back and, at each masked answer slot, the "
             "question's key (`--route-weight`); head 0 of the last block should read, from each masked answer "
-            "slot, the value of the record with the asked key (`--probe-weight`). In variable_tracking's "
-            "assignments `var L = R` the first block reads R at L, the answer slots after the first read the "
-            "slot before, and the last block reads, from a slot, the variable assigned from that slot's query "
-            "(the question's value, then each answer in turn), so the chain is decoded one link per step. "
-            "With a unit-scale embedding "
+            "slot, the value of the record with the asked key (`--probe-weight`). With a unit-scale embedding "
             f"(`--embed-std {a.get('embed_std', 0.02)}`), lr {a['lr']:g} and weight decay "
             f"{a.get('weight_decay', 0.0):g}, so that a token's own embedding is not drowned by the blocks' outputs. "
             "Learning curves of this run and of the attempts before it: `benchmarks/default_model/curves/`."
@@ -122,6 +118,25 @@ def reproduce_commands(runs: list[dict]) -> list[str]:
     return lines
 
 
+CHAIN_TARGETS = (
+    "In variable_tracking's assignments `var L = R` the first block reads R at L, the answer slots after the "
+    "first read the slot before, and the last block reads, from a slot, the variable assigned from that slot's "
+    "query (the question's value, then each answer in turn), so the chain is decoded one link per step."
+)
+
+
+def later_stage(i: int, a: dict, steps: int) -> str:
+    """One line for a stage started from the one before: what it trained on, how long, how."""
+    tasks = a["task_curriculum"].split(",")[-1].split(":", 1)[1].split("+")
+    mix = ", ".join(f"{t} x{tasks.count(t)}" for t in dict.fromkeys(tasks))
+    until = 100 * max(a.get("route_until", 0), a.get("probe_until", 0))
+    return (
+        f"Stage {i + 1}: from stage {i}'s checkpoint, {steps:,} steps of {mix}, prompt lengths "
+        f"`{a['curriculum']}` (fraction of the steps: top length), lr {a['lr']:g}, the attention targets again, "
+        f"annealed to zero at {until:.0f}%."
+    )
+
+
 def write_model_card(model_dir: Path) -> Path:
     summary = json.loads((model_dir / "train_summary.json").read_text())
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -136,9 +151,13 @@ def write_model_card(model_dir: Path) -> Path:
     steps = " + ".join(f"{r['steps_done']:,}" for r in runs)
     in_stages = f" in {len(runs)} stages" if len(runs) > 1 else ""
     commands = "\n".join(f"    {c}" for c in reproduce_commands(runs))
-    recipe = "\n\n".join(
-        (f"Stage {i + 1}: " if len(runs) > 1 else "") + recipe_paragraph(r["args"]) for i, r in enumerate(runs)
-    )
+    recipe = recipe_paragraph(runs[0]["args"])
+    if len(runs) > 1:
+        recipe = f"Stage 1: {recipe}\n\n" + "\n".join(
+            f"- {later_stage(i, r['args'], r['steps_done'])}" for i, r in enumerate(runs) if i
+        )
+    if any("variable_tracking" in r["args"].get("task_curriculum", "") for r in runs):
+        recipe += "\n\n" + CHAIN_TARGETS
     card = f"""# maskkv-engine default model
 
 A {summary["params"] / 1e6:.2f}M-parameter LLaDA (masked diffusion, bidirectional attention, RoPE) trained
@@ -165,7 +184,7 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 
 {commands}
     python -m benchmarks.default_model.package benchmarks/out/default_model
-
+{"" if len(runs) == 1 else chr(10) + "or all stages in turn: `python -m benchmarks.default_model.recipe`." + chr(10)}
 The schedule is by steps (the same seed gives the same model); `--minutes {a["minutes"]:g}` only stops a run
 that overruns, it is not the expected time. This run used `--device {a.get("device", "cpu")}` on
 {summary.get("device", "the CPU")}; `--device cuda` runs the same schedule on a GPU.

@@ -5,8 +5,8 @@
 Stage 1 (the trainer's defaults) forms the key-match circuit and answers single_needle and multi_key;
 stage 2 adds variable_tracking's chains and trains mostly at 1k-2k tokens, where multi_key was weakest;
 stage 3 trains the chains further at 1k-2k tokens. Stages 1-2 write `OUT_stage1`, `OUT_stage2`; the last
-writes OUT with its model card. Measured on one CPU thread: 46 + 45 + 40 minutes (issue 20's curves in
-`benchmarks/default_model/curves/`, attempts 20, 25 and 27).
+writes OUT with its model card. Measured on one CPU thread of the 2-core machine (another run beside it):
+46 + 45 + 35 minutes of training (issue 20; curves 20, 25 and 26 in `benchmarks/default_model/curves/`).
 """
 
 from __future__ import annotations
