@@ -146,10 +146,11 @@ def first_hops(tokenizer, tokens: torch.Tensor, length: int, slots: torch.Tensor
     after the first read the slot before instead (the chain's next link is found from it)."""
     rows, cols = record_values(tokenizer, tokens[:, :length]).nonzero(as_tuple=True)
     cols = cols + 2
-    l_rows, l_cols = chain_links(tokenizer, tokens[:, :length]).nonzero(as_tuple=True)
+    links = chain_links(tokenizer, tokens[:, :length])
+    l_rows, l_cols = links.nonzero(as_tuple=True)
     l_cols = l_cols + 1
     s_rows, s_cols = (slots & (query >= 0)[:, None]).nonzero(as_tuple=True)
-    chained = chain_links(tokenizer, tokens[:, :length]).any(1)[s_rows] & (s_cols > length)
+    chained = links.any(1)[s_rows] & (s_cols > length)
     s_dst = torch.where(chained, s_cols - 1, query[s_rows])
     return (
         torch.cat([rows, l_rows, s_rows]),
