@@ -8,7 +8,8 @@ stages 2-3 add variable_tracking and train at 1k-2k tokens). First stage (measur
 issue 20; curves in benchmarks/default_model/curves/): d_model 128, 2 layers, 2 heads, tied embeddings,
 the suite's word-level tokenizer (disjoint id ranges for filler, keys, values, ids), LLaDA's SFT loss on
 the response only, bidirectional attention throughout, 2k tokens per batch, AdamW (betas 0.9/0.95, warmup,
-cosine) and a length curriculum that reaches the target length early while half the batches stay shorter. Two things made the key-matching tasks learnable:
+cosine) and a length curriculum that reaches the target length early while half the batches stay
+shorter. Two things made the key-matching tasks learnable:
 - scale: a unit-scale embedding (--embed-std 1), lr 1e-3 and weight decay 0.1. With N(0, 0.02) embeddings
   and lr 3e-3 the blocks' outputs grew to ~1000x a token's embedding, so a later layer could no longer read
   which value a record holds (its identity was drowned), even where its attention was right;
