@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from benchmarks.default_model.batches import make_batch
 from benchmarks.default_model.dense import DenseRecall
-from benchmarks.default_model.evaluate import evaluate, format_table
+from benchmarks.default_model.evaluate import format_table, summary_accuracy
 from benchmarks.default_model.model import (
     LLaDA,
     ModelConfig,
@@ -53,7 +53,7 @@ from benchmarks.default_model.model import (
     save_checkpoint,
 )
 from benchmarks.default_model.package import write_model_card, write_profile
-from benchmarks.longctx import TASKS, build_tokenizer, generate_suite
+from benchmarks.longctx import build_tokenizer
 
 EVAL_LENGTHS = [256, 512, 1024, 2048]
 SHORT = {
@@ -423,11 +423,9 @@ def main(argv=None) -> None:
 
     save_tokenizer(tokenizer_dir)
     lengths = [int(n) for n in args.eval_lengths.split(",")]
-    suite = generate_suite(list(TASKS), lengths, args.eval_n, seed=12345, tokenizer=tokenizer)
     t0 = time.time()
-    acc = evaluate(model, suite, mask_id, eos_id)
-    table = format_table(acc, lengths)
-    print(table, flush=True)
+    acc = summary_accuracy(model, tokenizer, args.eval_n, lengths)
+    print(format_table(acc, lengths), flush=True)
     summary = {
         "args": vars(args),
         "steps_done": step + 1,

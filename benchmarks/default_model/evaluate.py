@@ -7,7 +7,9 @@ from collections import defaultdict
 import torch
 
 from benchmarks.default_model.decode import generate
-from benchmarks.longctx import Sample
+from benchmarks.longctx import TASKS, Sample, generate_suite
+
+SUMMARY_SEED = 12345  # the suite seed of every train_summary.json accuracy table
 
 
 def evaluate(model, samples: list[Sample], mask_id: int, eos_id: int, batch_tokens: int = 16384) -> dict:
@@ -32,6 +34,13 @@ def evaluate(model, samples: list[Sample], mask_id: int, eos_id: int, batch_toke
             for s, row in zip(chunk, out.tolist()):
                 correct[(task, length)].append(s.is_answered_by(row, (eos_id,)))
     return {k: sum(v) / len(v) for k, v in sorted(correct.items())}
+
+
+def summary_accuracy(model, tokenizer, n: int, lengths: list[int]) -> dict:
+    """train_summary.json's evaluation: {(task, length): accuracy} of every task at `lengths`, `n`
+    samples each, full cache, the summary seed."""
+    suite = generate_suite(list(TASKS), lengths, n, seed=SUMMARY_SEED, tokenizer=tokenizer)
+    return evaluate(model, suite, tokenizer.mask_token_id, tokenizer.eos_token_id)
 
 
 def evaluate_engine(llm, samples: list[Sample], batch: int = 64) -> dict:
@@ -66,14 +75,14 @@ def main(argv=None) -> None:
     import argparse
 
     from benchmarks.default_model.model import load_checkpoint
-    from benchmarks.longctx import TASKS, generate_suite, load_tokenizer
+    from benchmarks.longctx import load_tokenizer
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", default="maskkv_engine/assets/default_model")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--lengths", default="256,512,1024,2048")
     p.add_argument("--n", type=int, default=50, help="samples per (task, length)")
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=int, default=SUMMARY_SEED)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--kv-policy",

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.default_model.evaluate import evaluate, format_table
+from benchmarks.default_model.evaluate import SUMMARY_SEED, format_table, summary_accuracy
 from benchmarks.default_model.model import load_checkpoint
 from benchmarks.longctx import TASKS, generate_suite, load_tokenizer
 
-CALIBRATION_SEED = 999  # evaluation uses 12345 (training summary) and 7 / 2026 (tests, quality benchmark)
+CALIBRATION_SEED = 999  # evaluation uses SUMMARY_SEED (training summary) and 7 / 2026 (tests, quality benchmark)
 CALIBRATION_LENGTH = 1024
 
 
@@ -100,21 +100,25 @@ def stages(summary: dict) -> list[dict]:
     return before + [summary]
 
 
-def reproduce_commands(runs: list[dict]) -> list[str]:
+def stage_dir(out: str, i: int, n_stages: int) -> str:
+    """Where stage i (0-based) of n writes: `OUT_stage{i + 1}`, the last one OUT itself."""
+    return out if i == n_stages - 1 else f"{out}_stage{i + 1}"
+
+
+def reproduce_commands(runs: list[dict], out: str = "benchmarks/out/default_model") -> list[str]:
     """One trainer command per run, each writing its own directory, each later run starting from the
     one before."""
     lines = []
     for i, run in enumerate(runs):
-        a = dict(run["args"])
-        out = "benchmarks/out/default_model" + (f"_stage{i + 1}" if i < len(runs) - 1 else "")
+        a = dict(run["args"], out=stage_dir(out, i, len(runs)))
         if i:
-            a["init_from"] = "benchmarks/out/default_model" + (f"_stage{i}")
+            a["init_from"] = stage_dir(out, i - 1, len(runs))
         flags = " ".join(  # a store_true option is written bare when set, left out when not
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in a.items()
             if k != "out" and v is not None and v is not False
         )
-        lines.append(f"python -m benchmarks.train_default_model --out {out} {flags}")
+        lines.append(f"python -m benchmarks.train_default_model --out {a['out']} {flags}")
     return lines
 
 
@@ -151,6 +155,7 @@ def write_model_card(model_dir: Path) -> Path:
     steps = " + ".join(f"{r['steps_done']:,}" for r in runs)
     in_stages = f" in {len(runs)} stages" if len(runs) > 1 else ""
     commands = "\n".join(f"    {c}" for c in reproduce_commands(runs))
+    all_stages = "\nor all stages in turn: `python -m benchmarks.default_model.recipe`.\n" if len(runs) > 1 else ""
     recipe = recipe_paragraph(runs[0]["args"])
     if len(runs) > 1:
         recipe = f"Stage 1: {recipe}\n\n" + "\n".join(
@@ -172,7 +177,7 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 - `maskkv_profile.json`: MaskKV calibration (layer importance, head prompt preference) over suite prompts of
   {CALIBRATION_LENGTH} tokens, seed {CALIBRATION_SEED}.
 
-## Accuracy (full cache, exact answer, {a["eval_n"]} samples per cell, seed 12345)
+## Accuracy (full cache, exact answer, {a["eval_n"]} samples per cell, seed {SUMMARY_SEED})
 
 {table}
 
@@ -184,7 +189,7 @@ its tests and its benchmarks have a real model that needs its prompt: it is not 
 
 {commands}
     python -m benchmarks.default_model.package benchmarks/out/default_model
-{"" if len(runs) == 1 else chr(10) + "or all stages in turn: `python -m benchmarks.default_model.recipe`." + chr(10)}
+{all_stages}
 The schedule is by steps (the same seed gives the same model); `--minutes {a["minutes"]:g}` only stops a run
 that overruns, it is not the expected time. This run used `--device {a.get("device", "cpu")}` on
 {summary.get("device", "the CPU")}; `--device cuda` runs the same schedule on a GPU.
@@ -194,13 +199,13 @@ that overruns, it is not the expected time. This run used `--device {a.get("devi
 
 
 def reevaluate(model_dir: Path, n: int, lengths: str) -> dict:
-    """Evaluate the checkpoint again (full cache, the trainer's seed) and record it in train_summary.json,
-    with the evaluation options, as if the run had evaluated so itself."""
+    """Evaluate the checkpoint again as the trainer does and record it in train_summary.json, with the
+    evaluation options, as if the run had evaluated so itself."""
     torch.set_num_threads(1)
-    tokenizer = load_tokenizer(str(model_dir))
-    suite = generate_suite(list(TASKS), [int(x) for x in lengths.split(",")], n, seed=12345, tokenizer=tokenizer)
     t0 = time.time()
-    acc = evaluate(load_checkpoint(model_dir), suite, tokenizer.mask_token_id, tokenizer.eos_token_id)
+    acc = summary_accuracy(
+        load_checkpoint(model_dir), load_tokenizer(str(model_dir)), n, [int(x) for x in lengths.split(",")]
+    )
     path = model_dir / "train_summary.json"
     summary = json.loads(path.read_text())
     summary["args"] |= {"eval_n": n, "eval_lengths": lengths}

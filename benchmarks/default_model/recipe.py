@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import train_default_model
+from benchmarks.default_model.package import stage_dir
 
 STAGES: list[list[str]] = [
     [],  # the trainer's defaults
@@ -36,9 +37,8 @@ STAGES: list[list[str]] = [
 
 def stage_argv(i: int, out: str, device: str) -> list[str]:
     """Trainer arguments of stage i (0-based): its own output directory, the previous one as its start."""
-    last = i == len(STAGES) - 1
-    argv = ["--out", out if last else f"{out}_stage{i + 1}", "--device", device, *STAGES[i]]
-    return argv + (["--init-from", f"{out}_stage{i}"] if i else [])
+    argv = ["--out", stage_dir(out, i, len(STAGES)), "--device", device, *STAGES[i]]
+    return argv + (["--init-from", stage_dir(out, i - 1, len(STAGES))] if i else [])
 
 
 def main(argv=None) -> None:
