@@ -208,6 +208,15 @@ def test_recipe_stages_chain_and_parse():
         assert after.init_from == before.out != after.out
 
 
+@pytest.mark.parametrize("stage", ["0", "4"])
+def test_recipe_rejects_a_stage_it_does_not_have(stage, capsys):
+    from benchmarks.default_model.recipe import main
+
+    with pytest.raises(SystemExit):
+        main(["--from-stage", stage])
+    assert "--from-stage: invalid choice" in capsys.readouterr().err
+
+
 def test_recipe_is_what_trained_the_shipped_model():
     """The shipped model's train_summary.json records every stage's arguments: the recipe must give
     the same ones (only where the output goes, the overrun guard and the evaluation may differ)."""

@@ -45,7 +45,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/default_model")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when there is one)")
-    p.add_argument("--from-stage", type=int, default=1, help="skip the stages before (their outputs exist)")
+    p.add_argument(
+        "--from-stage",
+        type=int,
+        default=1,
+        choices=range(1, len(STAGES) + 1),
+        help="skip the stages before (their outputs exist)",
+    )
     args = p.parse_args(argv)
     for i in range(args.from_stage - 1, len(STAGES)):
         print(f"== stage {i + 1} of {len(STAGES)}", flush=True)
