@@ -198,6 +198,18 @@ def test_model_card_of_a_second_stage_lists_both_commands_chained(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    ("until", "phrase"), [("0.7", "annealed to zero at 70%."), ("2.0", "falling linearly to 0.5 at the end.")]
+)
+def test_later_stage_line_says_where_the_targets_end(until, phrase):
+    """A target ramp longer than the stage (--probe-until > 1) is cut at the stage's end: the card says
+    the weight left there, not a percentage past 100."""
+    from benchmarks.default_model.package import later_stage
+
+    args = vars(parse_args(["--init-from", "x", "--probe-until", until, "--route-until", until]))
+    assert later_stage(2, args, 12500).endswith("the attention targets again, " + phrase)
+
+
 def test_recipe_stages_chain_and_parse():
     """Each stage of the shipped recipe parses, writes its own directory and starts from the one before."""
     from benchmarks.default_model.recipe import STAGES, stage_argv

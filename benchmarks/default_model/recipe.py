@@ -4,10 +4,10 @@
 
 Stage 1 (the trainer's defaults) forms the key-match circuit and answers single_needle and multi_key;
 stage 2 adds variable_tracking's chains and trains mostly at 1k-2k tokens, where multi_key was weakest;
-stage 3 trains the chains further at 1k-2k tokens, the attention targets annealed over all its steps.
+stage 3 trains the chains further at 1k-2k tokens, the attention targets on throughout (half weight at the end).
 Stages 1-2 write `OUT_stage1`, `OUT_stage2`; the last writes OUT with its model card. Measured on one CPU
-thread of the 2-core machine (another run beside it): 46 + 45 + 51 minutes of training (issue 20; curves 20,
-25 and 32 in `benchmarks/default_model/curves/`).
+thread of the 2-core machine (another run beside it): 46 + 45 + 53 minutes of training (issue 20; curves 20,
+25 and 33 in `benchmarks/default_model/curves/`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ STAGES: list[list[str]] = [
         "--task-curriculum",
         "0:variable_tracking+variable_tracking+variable_tracking+multi_key+multi_key+single_needle",
         "--curriculum", "0:1024,0.15:2048",
-        "--probe-until", "1.0", "--route-until", "1.0",
+        "--probe-until", "2.0", "--route-until", "2.0",
     ],
 ]  # fmt: skip
 
