@@ -104,9 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hint-weight", type=float, default=0.0, help="weight of the early-layer hop hints")
     p.add_argument("--hint-until", type=float, default=0.45, help="fraction of steps where hints reach 0")
     p.add_argument("--probe-weight", type=float, default=1.0, help="weight of the last-layer attention target")
-    p.add_argument("--probe-until", type=float, default=0.9, help="fraction of steps where it reaches 0")
+    p.add_argument(
+        "--probe-until", type=float, default=0.9, help="fraction of steps where it reaches 0 (> 1: still on at the end)"
+    )
     p.add_argument("--route-weight", type=float, default=1.0, help="weight of the first block's attention hops")
-    p.add_argument("--route-until", type=float, default=0.9, help="fraction of steps where it reaches 0")
+    p.add_argument(
+        "--route-until", type=float, default=0.9, help="fraction of steps where it reaches 0 (> 1: still on at the end)"
+    )
     p.add_argument("--aux-causal", action="store_true", help="compute the aux loss in a causal forward pass")
     p.add_argument(
         "--causal-until",
