@@ -133,11 +133,11 @@ def later_stage(i: int, a: dict, steps: int) -> str:
     """One line for a stage started from the one before: what it trained on, how long, how."""
     tasks = a["task_curriculum"].split(",")[-1].split(":", 1)[1].split("+")
     mix = ", ".join(f"{t} x{tasks.count(t)}" for t in dict.fromkeys(tasks))
+    from benchmarks.train_default_model import ramp_down  # the trainer imports this module: import late
+
     until = max(a.get("route_until", 0), a.get("probe_until", 0))
-    # A ramp longer than the stage (until > 1) is cut at its end: the targets still weigh 1 - 1/until there.
-    anneal = (
-        f"annealed to zero at {100 * until:.0f}%" if until <= 1 else f"falling linearly to {1 - 1 / until:g} at the end"
-    )
+    end = ramp_down(1.0, a.get("extras_from", 0.0), until)  # a ramp longer than the stage is cut at its end
+    anneal = f"annealed to zero at {100 * until:.0f}%" if until <= 1 else f"falling linearly to {end:g} at the end"
     return (
         f"Stage {i + 1}: from stage {i}'s checkpoint, {steps:,} steps of {mix}, prompt lengths "
         f"`{a['curriculum']}` (fraction of the steps: top length), lr {a['lr']:g}, the attention targets again, "
